@@ -1,0 +1,159 @@
+"""Config validation: every mode checks its config here, once, before anything compiles.
+
+Errors are one line naming the field, the value and what is allowed, so that a typo on the
+command line costs seconds rather than a compile.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import ml_collections
+
+SCHEDULES = ('linear', 'cosine')
+TIMESTEP_SAMPLERS = ('uniform', 'loss_second_moment')
+DTYPES = ('float32', 'bfloat16')
+ADV_METHODS = ('none', 'free', 'pgd', 'fgsm')
+ADV_NORMS = ('l2', 'linf')
+ADV_RADIUS_SCALES = ('per_dim', 'absolute')
+ADV_INITS = ('zero', 'uniform')
+ADV_TARGETS = ('original', 'delta', 'delta_detach')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+  raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def _choice(config: ml_collections.ConfigDict, field: str, allowed: Iterable[str]) -> None:
+  value = _get(config, field)
+  allowed = tuple(allowed)
+  if value not in allowed:
+    _fail(field, value, f'must be one of {", ".join(allowed)}')
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  node = config
+  for part in field.split('.'):
+    if part not in node:
+      raise ConfigError(f'config.{field} is missing')
+    node = node[part]
+  return node
+
+
+def _positive(config, field: str, *, allow_zero: bool = False, integer: bool = False) -> None:
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(field, value, 'must be a number')
+  if integer and int(value) != value:
+    _fail(field, value, 'must be an integer')
+  if value < 0 or (value == 0 and not allow_zero):
+    _fail(field, value, 'must be >= 0' if allow_zero else 'must be > 0')
+
+
+def validate_model(config: ml_collections.ConfigDict) -> None:
+  """Model and diffusion fields, which sampling and evaluation need too."""
+  _positive(config, 'model.ch', integer=True)
+  _positive(config, 'model.num_res_blocks', integer=True)
+  ch_mult = tuple(config.model.ch_mult)
+  if not ch_mult or any(int(m) != m or m <= 0 for m in ch_mult):
+    _fail('model.ch_mult', ch_mult, 'must be a non-empty tuple of positive integers')
+  for mult in ch_mult:
+    if (config.model.ch * mult) % 32:
+      _fail('model.ch', config.model.ch,
+            f'times every ch_mult must be a multiple of 32 (GroupNorm uses 32 groups); '
+            f'{config.model.ch} * {mult} is not')
+  if not 0.0 <= config.model.dropout < 1.0:
+    _fail('model.dropout', config.model.dropout, 'must be in [0, 1)')
+  _choice(config, 'model.dtype', DTYPES)
+  _positive(config, 'model.num_classes', allow_zero=True, integer=True)
+  if config.model.num_head_channels != -1:
+    _positive(config, 'model.num_head_channels', integer=True)
+  else:
+    _positive(config, 'model.num_heads', integer=True)
+
+  size = config.data.image_size
+  _positive(config, 'data.image_size', integer=True)
+  _positive(config, 'data.channels', integer=True)
+  downsamples = len(ch_mult) - 1
+  if size % (2 ** downsamples):
+    _fail('data.image_size', size,
+          f'must be divisible by 2**{downsamples} for a U-Net with ch_mult={ch_mult}')
+  resolutions = {size // 2 ** level for level in range(len(ch_mult))}
+  for res in config.model.attn_resolutions:
+    if res not in resolutions:
+      _fail('model.attn_resolutions', tuple(config.model.attn_resolutions),
+            f'{res} is not a feature-map size of this U-Net (sizes: {sorted(resolutions)})')
+
+  _positive(config, 'diffusion.num_timesteps', integer=True)
+  _choice(config, 'diffusion.schedule', SCHEDULES)
+
+
+def validate_adversarial(config: ml_collections.ConfigDict) -> None:
+  _choice(config, 'adv.method', ADV_METHODS)
+  _choice(config, 'adv.norm', ADV_NORMS)
+  _choice(config, 'adv.radius_scale', ADV_RADIUS_SCALES)
+  _choice(config, 'adv.init', ADV_INITS)
+  _choice(config, 'adv.target', ADV_TARGETS)
+  _positive(config, 'adv.steps', integer=True)
+  _positive(config, 'adv.step_size', allow_zero=True)
+  _positive(config, 'adv.radius', allow_zero=True)
+  t_range = tuple(config.adv.t_range)
+  num_timesteps = config.diffusion.num_timesteps
+  if len(t_range) != 2:
+    _fail('adv.t_range', t_range, 'must be a pair (t_min, t_max)')
+  t_min, t_max = t_range
+  t_max = num_timesteps - 1 if t_max == -1 else t_max
+  if not 0 <= t_min <= t_max < num_timesteps:
+    _fail('adv.t_range', t_range,
+          f'must satisfy 0 <= t_min <= t_max < num_timesteps={num_timesteps} (t_max=-1: last)')
+  _positive(config, 'input_perturbation.gamma', allow_zero=True)
+
+
+def validate_training(config: ml_collections.ConfigDict, num_devices: int,
+                      num_processes: int = 1) -> None:
+  """Everything a training run needs; `num_devices` is the global device count."""
+  validate_model(config)
+  validate_adversarial(config)
+  batch = config.training.batch_size
+  _positive(config, 'training.batch_size', integer=True)
+  if batch % num_devices:
+    _fail('training.batch_size', batch,
+          f'must be divisible by the number of devices ({num_devices})')
+  if batch % num_processes:
+    _fail('training.batch_size', batch,
+          f'must be divisible by the number of processes ({num_processes})')
+  _positive(config, 'training.num_steps', integer=True)
+  _positive(config, 'training.lr')
+  _positive(config, 'training.warmup_steps', allow_zero=True, integer=True)
+  _positive(config, 'training.weight_decay', allow_zero=True)
+  _positive(config, 'training.grad_clip', allow_zero=True)
+  rates = tuple(config.training.ema_rates)
+  if not rates or any(not 0.0 <= r < 1.0 for r in rates):
+    _fail('training.ema_rates', rates, 'must be a non-empty tuple of rates in [0, 1)')
+  _choice(config, 'training.timestep_sampler', TIMESTEP_SAMPLERS)
+  for field in ('log_every', 'checkpoint_every'):
+    _positive(config, f'training.{field}', integer=True)
+  _positive(config, 'training.keep_checkpoints', integer=True)
+  _positive(config, 'training.sample_every', allow_zero=True, integer=True)
+  _positive(config, 'training.num_samples', integer=True)
+  _positive(config, 'training.sample_steps', integer=True)
+  if config.training.sample_steps > config.diffusion.num_timesteps:
+    _fail('training.sample_steps', config.training.sample_steps,
+          f'must be <= diffusion.num_timesteps ({config.diffusion.num_timesteps})')
+
+
+def validate_source(config: ml_collections.ConfigDict, source) -> None:
+  """What the model expects of the data that `data.create_source` cannot know alone."""
+  num_classes = config.model.num_classes
+  if num_classes and source.num_classes == 0:
+    _fail('model.num_classes', num_classes,
+          f'the data ({config.data.name}) has no labels; set model.num_classes=0')
+  if num_classes and source.num_classes > num_classes:
+    _fail('model.num_classes', num_classes,
+          f'the data ({config.data.name}) has {source.num_classes} classes')
+  if len(source) < config.training.batch_size:
+    _fail('training.batch_size', config.training.batch_size,
+          f'is larger than the dataset ({len(source)} images)')

@@ -1,0 +1,161 @@
+"""BatchStream: sharded global batches, loaded ahead of time in a background thread."""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atdiff_jax.data.batching import load_host_batch, process_batch_slice, steps_per_epoch
+
+DATA_AXIS = 'data'
+_POLL_SECONDS = 0.1  # how often a blocked loader checks for close()
+
+
+@jax.jit
+def _to_model_range(images: jax.Array) -> jax.Array:
+  """uint8 0..255 -> float32 [-1, 1]; done on device so only bytes cross the bus."""
+  # XLA turns the division into a multiply by 1/127.5, which lands 255 a hair above 1.
+  return jnp.clip(images.astype(jnp.float32) / 127.5 - 1.0, -1.0, 1.0)
+
+
+class _Failure:
+  """Carries an exception from the loader thread to the consumer."""
+
+  def __init__(self, error: BaseException, step: int):
+    self.error, self.step = error, step
+
+
+def _check_rows_match_sharding(sharding: NamedSharding, global_batch_size: int,
+                               rows: slice) -> None:
+  """This process must own exactly the batch rows it loads."""
+  owned = set()
+  for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+    owned.update(range(*index[0].indices(global_batch_size)))
+  if owned != set(range(rows.start, rows.stop)):
+    held = f'{min(owned)}..{max(owned)}' if owned else 'no'
+    raise ValueError(
+        f'the mesh puts batch rows {held} on process {jax.process_index()}, which loads '
+        f"rows {rows.start}..{rows.stop - 1}; order the mesh devices by process along "
+        "the 'data' axis")
+
+
+class BatchStream:
+  """Endless iterator over sharded global batches, starting at `start_step`.
+
+  Yields dict(image=float32 (B, H, W, C) in [-1, 1], label=int32 (B,)), both
+  sharded NamedSharding(mesh, P('data')). `step` is the index of the next batch.
+  Batch `k` depends only on (seed, k), so resuming at step k is exact.
+  """
+
+  def __init__(self, source, global_batch_size: int, seed: int, mesh: Mesh,
+               start_step: int = 0, random_flip: bool = True, prefetch: int = 2):
+    if DATA_AXIS not in mesh.axis_names:
+      raise ValueError(f"mesh axes {mesh.axis_names} lack the {DATA_AXIS!r} batch axis")
+    data_size = mesh.shape[DATA_AXIS]
+    if global_batch_size % data_size:
+      raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
+                       f'{data_size} devices of mesh axis {DATA_AXIS!r}')
+    steps_per_epoch(len(source), global_batch_size)  # validates batch vs. data set
+    if seed < 0 or start_step < 0 or prefetch < 1:
+      raise ValueError(f'need seed >= 0, start_step >= 0, prefetch >= 1; got '
+                       f'{seed}, {start_step}, {prefetch}')
+    self.source = source
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    self.random_flip = random_flip
+    self.sharding = NamedSharding(mesh, P(DATA_AXIS))
+    self._rows = process_batch_slice(global_batch_size, jax.process_index(),
+                                     jax.process_count())
+    _check_rows_match_sharding(self.sharding, global_batch_size, self._rows)
+    self.step = start_step
+    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    self._stop = threading.Event()
+    self._failure: _Failure | None = None
+    self._thread = threading.Thread(target=self._produce, args=(start_step,),
+                                    name='BatchStream-loader', daemon=True)
+    self._thread.start()
+
+  # ---------------------------------------------------------------- loader side
+
+  def _device_batch(self, step: int) -> dict[str, jax.Array]:
+    images, labels = self.host_batch(step)
+    batch = self.global_batch_size
+    images = jax.make_array_from_process_local_data(
+        self.sharding, images, (batch, *images.shape[1:]))
+    labels = jax.make_array_from_process_local_data(self.sharding, labels, (batch,))
+    return {'image': _to_model_range(images), 'label': labels}
+
+  def _put(self, item: Any) -> bool:
+    """Blocks until there is room or close() is called; False when closed."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=_POLL_SECONDS)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, step: int) -> None:
+    try:
+      while not self._stop.is_set():
+        if not self._put((step, self._device_batch(step))):
+          return
+        step += 1
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put(_Failure(e, step))
+
+  # -------------------------------------------------------------- consumer side
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self._failure is None and self._stop.is_set():
+      raise RuntimeError('BatchStream is closed')
+    while self._failure is None:
+      try:
+        item = self._queue.get(timeout=_POLL_SECONDS)
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          raise RuntimeError('BatchStream loader thread stopped unexpectedly') from None
+        continue
+      if isinstance(item, _Failure):
+        self._failure = item
+        break
+      step, batch = item
+      assert step == self.step, (step, self.step)
+      self.step += 1
+      return batch
+    self.close()
+    raise RuntimeError(f'loading batch {self._failure.step} failed: '
+                       f'{type(self._failure.error).__name__}: {self._failure.error}'
+                       ) from self._failure.error
+
+  def host_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's uint8 images and labels of batch `step` (for inspection)."""
+    return load_host_batch(
+        self.source, self.global_batch_size, self.seed, step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        random_flip=self.random_flip)
+
+  def close(self) -> None:
+    """Stops the loader thread and drops prefetched batches; idempotent."""
+    self._stop.set()
+    while True:  # unblock a loader waiting on a full queue
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    if self._thread is not threading.current_thread():
+      self._thread.join()
+
+  def __enter__(self) -> 'BatchStream':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
