@@ -1,0 +1,36 @@
+"""Model construction from the config's `model` block."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+
+def create_model(config: ml_collections.ConfigDict):
+  """The ADM U-Net described by `config.model` for images of `config.data`."""
+  from atdiff_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
+  m = config.model
+  channels = config.data.channels
+  return UNet(
+      ch=m.ch,
+      ch_mult=tuple(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions),
+      num_heads=m.num_heads,
+      num_head_channels=m.num_head_channels,
+      dropout=m.dropout,
+      out_channels=2 * channels if m.learn_sigma else channels,
+      num_classes=m.num_classes,
+      resblock_updown=m.resblock_updown,
+      use_scale_shift_norm=m.use_scale_shift_norm,
+      dtype=jnp.dtype(m.dtype),
+  )
+
+
+def make_apply_fn(model):
+  """`apply(params, x, t, y, train, rng)`: the pure function losses and samplers call."""
+
+  def apply(params, x, t, y=None, train=False, rng=None):
+    rngs = {'dropout': rng} if train and rng is not None else None
+    return model.apply({'params': params}, x, t, y, train=train, rngs=rngs)
+
+  return apply
