@@ -1,0 +1,85 @@
+"""Perturbation math for adversarial training, independent of the training objective.
+
+Everything is per sample: a batch of perturbations delta (B, H, W, C) lives in a batch of
+norm balls, one per example, and each example's ascent direction is normalised on its own.
+Only parameter gradients ever cross devices; delta stays with its examples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+_TINY = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class BallSpec:
+  """A norm ball and an ascent step size, both in the norm's own units."""
+  norm: str          # 'l2' | 'linf'
+  radius: float
+  step_size: float
+
+  @classmethod
+  def from_config(cls, adv: ml_collections.ConfigDict, sample_shape) -> 'BallSpec':
+    """`per_dim` radii are per pixel: the L2 ball of radius eta * sqrt(H*W*C) (the paper's);
+    an L-inf radius is already per coordinate, so it is the same under both scales."""
+    radius = float(adv.radius)
+    if adv.radius_scale == 'per_dim' and adv.norm == 'l2':
+      radius *= math.sqrt(math.prod(sample_shape))
+    return cls(norm=adv.norm, radius=radius, step_size=float(adv.step_size))
+
+
+def _per_sample(reduce, x: jax.Array) -> jax.Array:
+  """Reduces over every axis but the first, keeping dims for broadcasting."""
+  return reduce(x, axis=tuple(range(1, x.ndim)), keepdims=True)
+
+
+def l2_norms(x: jax.Array) -> jax.Array:
+  """Per-sample L2 norms, shape (B,)."""
+  return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
+
+
+def norms(x: jax.Array, norm: str) -> jax.Array:
+  """Per-sample norms in the ball's norm, shape (B,)."""
+  if norm == 'l2':
+    return l2_norms(x)
+  return jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=1)
+
+
+def project(delta: jax.Array, ball: BallSpec) -> jax.Array:
+  """Nearest point of each sample's ball."""
+  if ball.norm == 'linf':
+    return jnp.clip(delta, -ball.radius, ball.radius)
+  norm = jnp.sqrt(_per_sample(jnp.sum, jnp.square(delta)))
+  return delta * jnp.minimum(1.0, ball.radius / jnp.maximum(norm, _TINY))
+
+
+def ascent_step(delta: jax.Array, grad: jax.Array, ball: BallSpec) -> jax.Array:
+  """One projected steepest-ascent step: g/|g|_2 per sample for L2, sign(g) for L-inf."""
+  grad = grad.astype(delta.dtype)
+  if ball.norm == 'linf':
+    direction = jnp.sign(grad)
+  else:
+    norm = jnp.sqrt(_per_sample(jnp.sum, jnp.square(grad)))
+    direction = grad / jnp.maximum(norm, _TINY)
+  return project(delta + ball.step_size * direction, ball)
+
+
+def init_delta(rng: jax.Array, shape, ball: BallSpec, init: str,
+               dtype=jnp.float32) -> jax.Array:
+  """Start of the inner maximisation: zero, or uniform inside the ball."""
+  if init == 'zero' or ball.radius == 0.0:
+    return jnp.zeros(shape, dtype)
+  if ball.norm == 'linf':
+    return jax.random.uniform(rng, shape, dtype, -ball.radius, ball.radius)
+  # Uniform in the L2 ball: a uniform direction times radius * U^(1/d).
+  dir_rng, r_rng = jax.random.split(rng)
+  direction = jax.random.normal(dir_rng, shape, dtype)
+  direction /= jnp.maximum(jnp.sqrt(_per_sample(jnp.sum, jnp.square(direction))), _TINY)
+  dim = math.prod(shape[1:])
+  u = jax.random.uniform(r_rng, (shape[0],) + (1,) * (len(shape) - 1), dtype)
+  return direction * ball.radius * u ** (1.0 / dim)

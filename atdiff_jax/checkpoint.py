@@ -1,0 +1,129 @@
+"""Checkpoints with Orbax: resume a run exactly, or start a new run from another's weights.
+
+A run's workdir holds `checkpoints/<step>/` (the whole TrainState, written asynchronously
+and atomically by Orbax's CheckpointManager) and `config.json`. Nothing here deletes or
+overwrites a checkpoint that the current run did not write: resume picks up the latest
+step and only ever adds later ones; `init_from` opens the other run read-only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+_ITEM = 'default'  # where CheckpointManager puts a step's single unnamed item
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with shardings) of a concrete or abstract pytree."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+      tree)
+
+
+class Checkpointer:
+  """The run's own checkpoints: save every N minibatches, keep the last K, resume."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.StandardRestore(_abstract(abstract_state)))
+    except Exception as e:  # Orbax raises many types; name the checkpoint either way.
+      raise CheckpointError(
+          f'cannot restore checkpoint step {step} from {self.directory}: {e}. '
+          'Is it from a run with another model config? Nothing was changed on disk.') from e
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
+
+def find_checkpoint(path: str) -> str:
+  """A checkpoint step folder from a workdir, its checkpoints/ folder, or a step folder."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'checkpoint path {path} does not exist')
+  candidates = [os.path.join(path, CHECKPOINT_DIR), path]
+  for directory in candidates:
+    if os.path.isdir(directory):
+      steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+      if steps:
+        return os.path.join(directory, str(max(steps)))
+  if os.path.isdir(path) and os.path.basename(path).isdigit():
+    return path
+  raise CheckpointError(f'no checkpoint found under {path} (expected {CHECKPOINT_DIR}/<step>/)')
+
+
+def restore_weights(path: str, abstract_params: Any, abstract_ema: tuple) -> tuple[Any, tuple]:
+  """Params and EMA params of another run (read-only), for fine-tuning with a fresh optimizer.
+
+  The other run's EMA trees are matched by position; when it kept fewer EMA rates than this
+  run, the extra ones start from its last EMA tree.
+  """
+  step_dir = find_checkpoint(path)
+  item_dir = os.path.join(step_dir, _ITEM)
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(item_dir)
+    tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+    num_saved_ema = len(tree['ema_params'])
+    target = {
+        'params': _abstract(abstract_params),
+        'ema_params': [_abstract(abstract_params)] * num_saved_ema,
+    }
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(
+          item_dir, args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+  except CheckpointError:
+    raise
+  except Exception as e:
+    raise CheckpointError(f'cannot load weights from {step_dir}: {e}') from e
+  saved_ema = list(restored['ema_params'])
+  ema = tuple(saved_ema[min(i, len(saved_ema) - 1)] for i in range(len(abstract_ema)))
+  return restored['params'], ema
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} not found: is {workdir} a training workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,95 @@
+"""How one minibatch becomes optimizer updates: standard, free AT, PGD-AT and FGSM-AT.
+
+These run inside the per-device body of the compiled train step and know nothing about
+the objective: they take a pure `loss_fn(params, batch, delta, rng) -> (loss, aux)` whose
+`aux['losses']` holds the per-example (unweighted) losses, and a `delta_mask` that is 1 for
+the examples whose input may be perturbed. Parameter gradients are averaged over the mesh
+axis 'data' with `lax.pmean`; delta and its gradients never leave the device.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from atdiff_jax import adversarial
+from atdiff_jax.train_state import TrainState
+
+AXIS = 'data'
+
+LossFn = Callable[[Any, Any, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
+UpdateFn = Callable[[TrainState, Any, dict], TrainState]
+
+
+class ReplayOutput(NamedTuple):
+  state: TrainState
+  clean_loss: jax.Array       # the loss of the first pass (delta at its start)
+  adv_loss: jax.Array         # the loss of the pass that trained last
+  delta: jax.Array | None     # the perturbation of the last training pass
+  grad_delta_norm: jax.Array  # mean per-example |d loss_i / d delta_i| of the last ascent
+
+
+def _pass_rng(rng: jax.Array, k) -> jax.Array:
+  return jax.random.fold_in(rng, k)
+
+
+def standard(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch,
+             rng: jax.Array) -> ReplayOutput:
+  """Plain training: one forward/backward, one update."""
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, None, _pass_rng(rng, 0))
+  state = update(state, lax.pmean(grads, AXIS), aux)
+  return ReplayOutput(state, loss, loss, None, jnp.zeros(()))
+
+
+def _example_grad_norm(grad_delta: jax.Array) -> jax.Array:
+  # loss_fn averages over the local batch; undo that to report per-example gradients.
+  return jnp.mean(adversarial.l2_norms(grad_delta)) * grad_delta.shape[0]
+
+
+def free(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch, rng: jax.Array,
+         delta0: jax.Array, delta_mask: jax.Array, ball: adversarial.BallSpec,
+         num_passes: int) -> ReplayOutput:
+  """Free adversarial training: the minibatch is replayed `num_passes` times.
+
+  Each pass is one forward/backward that yields the gradients of params and delta at
+  once; params take an optimizer step, then delta ascends with the same pass's gradient.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
+
+  def one_pass(carry, k):
+    state, delta = carry
+    (loss, aux), (grads, grad_delta) = grad_fn(state.params, batch, delta, _pass_rng(rng, k))
+    state = update(state, lax.pmean(grads, AXIS), aux)
+    next_delta = adversarial.ascent_step(delta, grad_delta, ball) * delta_mask
+    return (state, next_delta), (loss, delta, _example_grad_norm(grad_delta))
+
+  (state, _), (losses, deltas, grad_norms) = lax.scan(
+      one_pass, (state, delta0), jnp.arange(num_passes))
+  return ReplayOutput(state, losses[0], losses[-1], deltas[-1], grad_norms[-1])
+
+
+def pgd(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch, rng: jax.Array,
+        delta0: jax.Array, delta_mask: jax.Array, ball: adversarial.BallSpec,
+        num_ascent: int) -> ReplayOutput:
+  """PGD-AT: `num_ascent` ascent steps on delta with params frozen, then one update.
+
+  FGSM-AT is this with one ascent step (and, usually, a random start).
+  """
+  delta_grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
+
+  def ascend(k, carry):
+    delta, first_loss, _ = carry
+    (loss, _), grad_delta = delta_grad_fn(state.params, batch, delta, _pass_rng(rng, k))
+    first_loss = jnp.where(k == 0, loss, first_loss)
+    delta = adversarial.ascent_step(delta, grad_delta, ball) * delta_mask
+    return delta, first_loss, _example_grad_norm(grad_delta)
+
+  delta, clean_loss, grad_norm = lax.fori_loop(
+      0, num_ascent, ascend, (delta0, jnp.zeros(()), jnp.zeros(())))
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, delta, _pass_rng(rng, num_ascent))
+  state = update(state, lax.pmean(grads, AXIS), aux)
+  return ReplayOutput(state, clean_loss, loss, delta, grad_norm)

@@ -1,0 +1,57 @@
+"""Sampling from a trained model's params: the bridge between a run's config and the samplers."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from atdiff_jax import samplers
+from atdiff_jax.diffusion import get_beta_schedule
+from atdiff_jax.models import create_model, make_apply_fn
+
+
+def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples: int,
+                     sampler: str = 'ancestral', num_steps: int | None = None, model=None,
+                     **sampler_opts) -> Callable[[object, jax.Array], jax.Array]:
+  """A jitted `generate(params, rng) -> images in [-1, 1]`, sharded over the mesh.
+
+  `num_samples` is rounded up to a multiple of the device count; class-conditional models
+  cycle through the labels.
+  """
+  model = create_model(config) if model is None else model
+  apply = make_apply_fn(model)
+  devices = mesh.shape['data']
+  n = math.ceil(num_samples / devices) * devices
+  shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
+  betas = get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  num_steps = num_steps or config.diffusion.num_timesteps
+  sample = samplers.make_sample_fn(
+      lambda x, t, y, params: apply(params, x, t, y), sampler, betas, num_steps, shape,
+      mesh, **sampler_opts)
+  labels = None
+  if config.model.num_classes:
+    labels = jnp.arange(n, dtype=jnp.int32) % config.model.num_classes
+
+  def generate(params, rng: jax.Array) -> jax.Array:
+    return sample(rng, labels, params)
+
+  return generate
+
+
+def make_grid_sampler(config: ml_collections.ConfigDict, mesh: Mesh, model=None):
+  """The training loop's preview: plain ancestral sampling with the configured steps."""
+  return make_generate_fn(config, mesh, config.training.num_samples, 'ancestral',
+                          config.training.sample_steps, model)
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+  """The whole (possibly multi-host) array on every host."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

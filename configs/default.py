@@ -1,0 +1,72 @@
+"""Defaults shared by every recipe; each file in configs/ edits a copy of these."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Another run's workdir (or one of its checkpoint step folders) to take params and EMA from;
+  # the optimizer starts fresh. Empty: start from random initialisation.
+  config.init_from = ''
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = 'digits'          # digits | npz | folder | a tfds name (cifar10, imagenet_resized/64x64)
+  data.path = ''                # npz file or image folder
+  data.tfds_data_dir = ''       # tfds data_dir; empty = tfds default
+  data.split = 'train'
+  data.image_size = 8
+  data.channels = 1
+  data.random_flip = False
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 32
+  model.ch_mult = (1, 2)
+  model.num_res_blocks = 1
+  model.attn_resolutions = (4,)
+  model.num_heads = 4
+  model.num_head_channels = -1
+  model.dropout = 0.0
+  model.learn_sigma = True
+  model.resblock_updown = True
+  model.use_scale_shift_norm = True
+  model.num_classes = 0         # > 0: class-conditional on the data's labels
+  model.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params are always float32)
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.num_timesteps = 1000
+  diffusion.schedule = 'cosine'  # linear | cosine
+  diffusion.rescale_vb = True    # VB term times T/1000, as ADM's rescale_learned_sigmas
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 64       # global, over all devices and hosts
+  training.num_steps = 1000      # minibatches (the data position); see adv.steps for updates
+  training.lr = 2e-4
+  training.warmup_steps = 0      # optimizer updates
+  training.weight_decay = 0.0
+  training.grad_clip = 0.0       # global-norm clip; 0 disables
+  training.ema_rates = (0.999,)
+  training.timestep_sampler = 'uniform'  # uniform | loss_second_moment
+  training.log_every = 50        # minibatches
+  training.checkpoint_every = 500
+  training.keep_checkpoints = 3
+  training.sample_every = 1000   # minibatches; 0 disables the sample grid
+  training.num_samples = 64      # images in the sample grid
+  training.sample_steps = 100    # ancestral steps for the grid
+  training.multi_host = False    # call jax.distributed.initialize()
+
+  # Adversarial training (the paper's method). method=none is standard training.
+  config.adv = adv = ml_collections.ConfigDict()
+  adv.method = 'none'            # none | free | pgd | fgsm
+  adv.norm = 'l2'                # l2 | linf
+  adv.steps = 3                  # K: free replays / pgd ascent steps (fgsm uses 1)
+  adv.step_size = 0.1            # alpha, in the norm's own units
+  adv.radius = 0.1               # eta
+  adv.radius_scale = 'per_dim'   # per_dim: l2 radius = eta * sqrt(H*W*C); absolute: eta as is
+  adv.init = 'zero'              # zero | uniform (random start inside the ball)
+  adv.target = 'delta_detach'    # original | delta | delta_detach
+  adv.t_range = (0, -1)          # perturb timesteps t_min <= t <= t_max; -1 = the last one
+
+  # DDPM-IP baseline: x_t built from eps + gamma * xi while the target stays eps.
+  config.input_perturbation = ip = ml_collections.ConfigDict()
+  ip.gamma = 0.0
+  return config

@@ -1,0 +1,89 @@
+"""Bad configs stop before anything compiles, with one line naming the field."""
+import importlib
+import os
+
+import jax
+import pytest
+
+from atdiff_jax import config as config_lib
+from atdiff_jax import train
+
+
+def _set(config, field, value):
+  *parents, leaf = field.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+BAD_CASES = [
+    ('training.batch_size', 12, r'training.batch_size=12: must be divisible by the number of devices \(8\)'),
+    ('diffusion.schedule', 'quadratic', r'diffusion.schedule=.quadratic.: must be one of linear, cosine'),
+    ('data.image_size', 9, r'data.image_size=9: must be divisible by 2\*\*1'),
+    ('model.attn_resolutions', (3,), r'model.attn_resolutions=\(3,\): 3 is not a feature-map size'),
+    ('training.lr', -1e-4, r'training.lr=-0.0001: must be > 0'),
+    ('training.ema_rates', (1.5,), r'training.ema_rates=\(1.5,\): must be a non-empty tuple of rates'),
+    ('training.warmup_steps', -5, r'training.warmup_steps=-5: must be >= 0'),
+    ('training.timestep_sampler', 'importance', r'must be one of uniform, loss_second_moment'),
+    ('model.ch', 40, r'model.ch=40: times every ch_mult must be a multiple of 32'),
+    ('model.dtype', 'float16', r'model.dtype=.float16.: must be one of float32, bfloat16'),
+    ('model.dropout', 1.0, r'model.dropout=1.0: must be in \[0, 1\)'),
+    ('adv.method', 'freelb', r'adv.method=.freelb.: must be one of none, free, pgd, fgsm'),
+    ('adv.norm', 'l1', r'adv.norm=.l1.: must be one of l2, linf'),
+    ('adv.target', 'x0', r'adv.target=.x0.: must be one of original, delta, delta_detach'),
+    ('adv.radius', -0.1, r'adv.radius=-0.1: must be >= 0'),
+    ('adv.steps', 0, r'adv.steps=0: must be > 0'),
+    ('adv.t_range', (50, 10), r'adv.t_range=\(50, 10\): must satisfy 0 <= t_min <= t_max'),
+    ('adv.radius_scale', 'per_pixel', r'must be one of per_dim, absolute'),
+    ('adv.init', 'gaussian', r'must be one of zero, uniform'),
+    ('input_perturbation.gamma', -0.1, r'input_perturbation.gamma=-0.1: must be >= 0'),
+    ('training.sample_steps', 500, r'training.sample_steps=500: must be <= diffusion.num_timesteps'),
+]
+
+
+@pytest.mark.parametrize('field,value,message', BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_value_names_the_field(config, field, value, message):
+  _set(config, field, value)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate_training(config, num_devices=8)
+
+
+def test_every_shipped_config_is_valid():
+  for name in sorted(os.listdir('configs')):
+    if name.endswith('.py') and name not in ('__init__.py', 'default.py'):
+      config = importlib.import_module(f'configs.{name[:-3]}').get_config()
+      devices = 8 if config.training.batch_size % 8 == 0 else 1
+      config_lib.validate_training(config, num_devices=devices)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('data.path', '/no/such/file.npz', r'config.data.path: no such file'),
+    ('data.name', 'no_such_dataset_xyz', r'config.data.name'),
+    ('data.image_size', 16, r'config.data.image_size'),
+])
+def test_bad_data_stops_training_before_compiling(config, tmp_path, field, value, message):
+  if field == 'data.path':
+    config.data.name = 'npz'
+  _set(config, field, value)
+  if field == 'data.image_size':
+    config.model.attn_resolutions = (8,)
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if 'compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      train.train(config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_class_conditional_model_needs_labels(config, tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  np.savez(tmp_path / 'x.npz', images=np.zeros((32, 8, 8, 1), np.uint8))
+  config.data.name, config.data.path = 'npz', str(tmp_path / 'x.npz')
+  config.model.num_classes = 10
+  with pytest.raises(config_lib.ConfigError, match='has no labels'):
+    train.train(config, str(tmp_path / 'run'))

@@ -1,0 +1,143 @@
+"""The host loop: learning, exact resume, init_from, clean stop, checkpoint errors."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atdiff_jax import checkpoint, train
+from atdiff_jax.methods import dpm
+from atdiff_jax.models import create_model, make_apply_fn
+from atdiff_jax.train_step import create_train_state, make_diffusion, make_mesh
+
+
+def _assert_trees_equal(a, b):
+  a, b = jax.device_get(a), jax.device_get(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _fixed_eval_loss(config, params):
+  """The hybrid loss on a fixed draw of (x0, t, eps): comparable across params."""
+  from atdiff_jax import data  # pylint: disable=g-import-not-at-top
+  images, _ = data.create_source(config.data).get(np.arange(256))
+  x0 = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  rng = np.random.default_rng(0)
+  batch = {
+      'x0': x0,
+      't': jnp.asarray(rng.integers(0, config.diffusion.num_timesteps, 256), jnp.int32),
+      'noise': jnp.asarray(rng.standard_normal(x0.shape), jnp.float32),
+      'weights': jnp.ones((256,)),
+  }
+  loss_fn = dpm.make_loss_fn(make_apply_fn(create_model(config)), make_diffusion(config),
+                             learn_sigma=True, rescale_vb=True, train=False)
+  return float(loss_fn(params, batch, None, None)[0])
+
+
+def test_short_run_lowers_the_loss(config, tmp_path):
+  config.training.num_steps = 40
+  config.training.log_every = 20
+  config.training.checkpoint_every = 40
+  config.training.lr = 2e-3
+  initial = create_train_state(config, make_mesh())
+  state = train.train(config, str(tmp_path))
+  before = _fixed_eval_loss(config, initial.params)
+  after = _fixed_eval_loss(config, state.params)
+  assert after < 0.7 * before, (before, after)
+  assert int(state.step) == 40
+  assert os.path.isdir(tmp_path / 'checkpoints' / '40')
+  assert os.listdir(tmp_path / 'tensorboard')
+
+
+def test_resume_reaches_the_same_state(config, tmp_path):
+  """Stopped at step 2 and restarted, a run ends where an uninterrupted one does."""
+  config.training.timestep_sampler = 'loss_second_moment'
+  config.data.random_flip = True
+  config.training.num_steps = 4
+  straight = train.train(config, str(tmp_path / 'straight'))
+
+  config.training.num_steps = 2
+  train.train(config, str(tmp_path / 'resumed'))
+  config.training.num_steps = 4
+  resumed = train.train(config, str(tmp_path / 'resumed'))
+  _assert_trees_equal(straight, resumed)
+
+
+def test_stop_request_checkpoints_and_resumes(config, tmp_path, monkeypatch):
+  config.training.num_steps = 6
+  config.training.checkpoint_every = 100
+
+  class StopAfterTwo(train.StopRequest):
+    checks = 0
+
+    @property
+    def requested(self):
+      StopAfterTwo.checks += 1
+      return StopAfterTwo.checks >= 2
+
+    @requested.setter
+    def requested(self, value):
+      pass
+
+  monkeypatch.setattr(train, 'StopRequest', StopAfterTwo)
+  stopped = train.train(config, str(tmp_path))
+  assert int(stopped.step) == 2
+  assert checkpoint.Checkpointer(str(tmp_path), 3).latest_step() == 2
+  monkeypatch.undo()
+  finished = train.train(config, str(tmp_path))
+  assert int(finished.step) == 6
+
+
+def test_checkpoint_round_trip(config, tmp_path):
+  mesh = make_mesh()
+  state = create_train_state(config, mesh)
+  state = state.replace(step=state.step + 7)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(7, state)
+  ckpt.wait()
+  restored = ckpt.restore(jax.eval_shape(lambda: state))
+  ckpt.close()
+  _assert_trees_equal(state, restored)
+
+
+def test_init_from_takes_weights_and_a_fresh_optimizer(config, tmp_path):
+  config.training.num_steps = 2
+  source = train.train(config, str(tmp_path / 'source'))
+  config.init_from = str(tmp_path / 'source')
+  config.training.ema_rates = (0.9, 0.99)  # more rates than the source kept
+  mesh = make_mesh()
+  model = create_model(config)
+  from atdiff_jax.train_state import make_optimizer  # pylint: disable=g-import-not-at-top
+  tx = make_optimizer(config.training)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'target'), keep=2)
+  state = train._initial_state(config, mesh, model, tx, ckpt)  # pylint: disable=protected-access
+  ckpt.close()
+  _assert_trees_equal(state.params, source.params)
+  _assert_trees_equal(state.ema_params[0], source.ema_params[0])
+  _assert_trees_equal(state.ema_params[1], source.ema_params[0])
+  assert int(state.step) == 0 and int(state.opt_step) == 0
+  _assert_trees_equal(state.opt_state, tx.init(source.params))
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(config, tmp_path):
+  config.training.num_steps = 2
+  train.train(config, str(tmp_path))
+  step_dir = tmp_path / 'checkpoints' / '2'
+  files = sorted(str(p) for p in step_dir.rglob('*') if p.is_file())
+  for path in files:
+    if path.endswith('.json') or 'manifest' in path or 'ocdbt' in path:
+      with open(path, 'wb') as f:
+        f.write(b'garbage')
+  snapshot = {p: open(p, 'rb').read() for p in files}
+  config.training.num_steps = 4
+  with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint step 2'):
+    train.train(config, str(tmp_path))
+  assert {p: open(p, 'rb').read() for p in files} == snapshot
+
+
+def test_missing_init_from_is_a_clear_error(config, tmp_path):
+  config.init_from = str(tmp_path / 'nowhere')
+  with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
+    train.train(config, str(tmp_path / 'run'))
