@@ -132,8 +132,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
     if adv.method == 'none':
       out = replay.standard(loss_fn, update, state, batch, pass_rng)
     elif adv.method == 'free':
-      out = replay.free(loss_fn, update, state, batch, pass_rng, delta0, mask, ball,
-                        adv.steps)
+      out = replay.free(loss_fn, update, state, batch, pass_rng, adv.steps, delta0, mask,
+                        ball)
     else:
       num_ascent = 1 if adv.method == 'fgsm' else adv.steps
       out = replay.pgd(loss_fn, update, state, batch, pass_rng, delta0, mask, ball,
@@ -141,12 +141,16 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
 
     metrics = {'loss': out.adv_loss, 'clean_loss': out.clean_loss}
     if out.delta is not None:
-      radius = max(ball.radius, 1e-12)
-      perturbed = jnp.maximum(jnp.sum(mask), 1.0)
-      metrics['delta_over_radius'] = jnp.sum(
-          adversarial.norms(out.delta, ball.norm) / radius * mask[:, 0, 0, 0]) / perturbed
-      metrics['grad_delta_norm'] = out.grad_delta_norm
-    metrics = lax.pmean(metrics, AXIS)
+      # Averages over the perturbed examples of the whole global batch.
+      perturbed = mask[:, 0, 0, 0]
+      num_perturbed = lax.psum(jnp.sum(perturbed), AXIS)
+      ratio = adversarial.norms(out.delta, ball.norm) / max(ball.radius, 1e-12)
+      metrics['delta_over_radius'] = lax.psum(jnp.sum(ratio * perturbed), AXIS) / jnp.maximum(
+          num_perturbed, 1.0)
+      metrics['perturbed_fraction'] = num_perturbed / (local_batch * lax.psum(1, AXIS))
+      metrics['grad_delta_norm'] = lax.pmean(out.grad_delta_norm, AXIS)
+    metrics['loss'] = lax.pmean(metrics['loss'], AXIS)
+    metrics['clean_loss'] = lax.pmean(metrics['clean_loss'], AXIS)
     return out.state.replace(step=out.state.step + 1), metrics
 
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),

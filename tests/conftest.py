@@ -20,6 +20,7 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="atdiff_x
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+import flax.linen as nn  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
@@ -48,3 +49,17 @@ def tiny_config():
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+
+class ToyDenoiser(nn.Module):
+  """A two-conv stand-in for the U-Net with its call signature: it compiles in about a
+  second, so step-level tests can afford many variants. Its output depends on x, t and y."""
+  out_channels: int = 2
+
+  @nn.compact
+  def __call__(self, x, t, y=None, *, train=False):
+    h = nn.silu(nn.Conv(8, (3, 3))(x) * (1.0 + t[:, None, None, None] / 100.0))
+    if y is not None:
+      h = h + nn.Embed(10, 8)(y)[:, None, None, :]
+    return nn.Conv(self.out_channels, (3, 3))(h)

@@ -1,0 +1,138 @@
+"""Adversarial replays inside the compiled step: free, PGD, FGSM against the standard step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import conftest
+from atdiff_jax import adversarial
+from atdiff_jax.train_step import (create_train_state, make_mesh, make_train_step,
+                                   updates_per_minibatch)
+
+
+def micro_config(**adv):
+  config = conftest.tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.adv.update(adv)
+  return config
+
+
+TOY = conftest.ToyDenoiser()
+
+
+def _batch(mesh, config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, s = config.training.batch_size, config.data.image_size
+  sharding = NamedSharding(mesh, P('data'))
+  return {'image': jax.device_put(rng.uniform(-1, 1, (b, s, s, 1)).astype(np.float32), sharding),
+          'label': jax.device_put(np.zeros((b,), np.int32), sharding)}
+
+
+def _warm_params(state, seed=0):
+  """Moves params off ADM's zero-initialised output so the input gradient is non-zero."""
+  params = jax.tree.map(
+      lambda p: p + 0.02 * jax.random.normal(jax.random.key(seed + p.size), p.shape,
+                                              p.dtype), state.params)
+  return state.replace(params=params)
+
+
+def _step(config, devices=None, tx=None, warm=True, seed=0, model=TOY):
+  """One call of the real train step; `model=None` uses the config's U-Net."""
+  mesh = make_mesh(devices)
+  state = create_train_state(config, mesh, model=model, tx=tx)
+  state = _warm_params(state) if warm else state
+  step = make_train_step(config, mesh, model=model, tx=tx)
+  state, metrics = step(state, _batch(mesh, config, seed))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def _assert_trees_equal(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if tol:
+      np.testing.assert_allclose(x, y, **tol)
+    else:
+      np.testing.assert_array_equal(x, y)
+
+
+def test_free_with_one_pass_is_the_standard_step():
+  standard, m_std = _step(micro_config(method='none'), model=None)
+  free, m_free = _step(micro_config(method='free', steps=1, radius=0.3), model=None)
+  _assert_trees_equal(standard, free)
+  assert m_std['loss'] == m_free['loss']
+
+
+@pytest.mark.parametrize('method', ['free', 'pgd', 'fgsm'])
+def test_zero_radius_gives_the_standard_loss(method):
+  _, m_std = _step(micro_config(method='none'))
+  _, m = _step(micro_config(method=method, steps=2, radius=0.0, init='uniform'))
+  assert m['delta_over_radius'] == 0.0
+  np.testing.assert_allclose(m['clean_loss'], m_std['loss'], rtol=1e-6)
+  if method != 'free':  # the one update is taken on delta = 0, as the standard step
+    np.testing.assert_allclose(m['loss'], m_std['loss'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('method,norm', [('free', 'l2'), ('free', 'linf'), ('pgd', 'l2'),
+                                         ('pgd', 'linf'), ('fgsm', 'linf')])
+def test_adversarial_pass_raises_the_loss_and_stays_in_the_ball(method, norm):
+  radius = 0.3 if norm == 'l2' else 0.05
+  config = micro_config(method=method, norm=norm, steps=3, radius=radius, step_size=radius,
+                        radius_scale='absolute', init='zero')
+  # SGD with lr 0: params frozen, so losses differ only by delta.
+  _, m = _step(config, tx=optax.sgd(0.0))
+  assert 0.5 < m['delta_over_radius'] <= 1.0 + 1e-5
+  assert m['loss'] > m['clean_loss']
+  assert m['grad_delta_norm'] > 0
+
+
+def test_free_makes_k_updates_and_k_ema_updates():
+  k, rate = 3, 0.5
+  config = micro_config(method='free', steps=k)
+  config.training.ema_rates = (rate,)
+  # An optimizer that adds exactly 1 to every param shows each update separately.
+  plus_one = optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (jax.tree.map(jnp.ones_like, updates), state))
+  mesh = make_mesh()
+  start = jax.device_get(create_train_state(config, mesh, model=TOY, tx=plus_one))
+  state, _ = _step(config, tx=plus_one, warm=False)
+  assert int(state.step) == 1 and int(state.opt_step) == k == updates_per_minibatch(config)
+  expected_ema = lambda p0: rate**k * p0 + sum(
+      (1 - rate) * rate**(k - i) * (p0 + i) for i in range(1, k + 1))
+  for p0, p, e in zip(*(jax.tree.leaves(t) for t in (start.params, state.params,
+                                                      state.ema_params[0]))):
+    np.testing.assert_allclose(p, p0 + k, rtol=1e-6)
+    np.testing.assert_allclose(e, expected_ema(p0), rtol=1e-5, atol=1e-6)
+
+
+def test_timestep_sampler_sees_every_adversarial_pass():
+  config = micro_config(method='free', steps=3)
+  config.training.timestep_sampler = 'loss_second_moment'
+  state, _ = _step(config)
+  assert int(np.sum(state.sampler_state.counts)) == 3 * config.training.batch_size
+
+
+def test_t_range_limits_which_examples_are_perturbed():
+  config = micro_config(method='pgd', steps=1, radius=0.3, step_size=0.3,
+                        radius_scale='absolute')
+  _, everywhere = _step(config)
+  config.adv.t_range = (0, 49)
+  _, lower_half = _step(config)
+  assert everywhere['perturbed_fraction'] == 1.0
+  assert 0.0 < lower_half['perturbed_fraction'] < 1.0
+  # Every perturbed example took one full step to its boundary; the others none.
+  np.testing.assert_allclose(lower_half['delta_over_radius'], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['free', 'pgd'])
+def test_eight_devices_match_one(method):
+  config = micro_config(method=method, steps=2, norm='l2', radius=0.3,
+                        radius_scale='absolute', init='uniform')
+  tx = optax.sgd(0.05)
+  model = None if method == 'free' else TOY  # the real U-Net once, the toy elsewhere
+  state8, m8 = _step(config, jax.devices(), tx=tx, model=model)
+  state1, m1 = _step(config, jax.devices()[:1], tx=tx, model=model)
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m8['delta_over_radius'], m1['delta_over_radius'], rtol=1e-4)
+  _assert_trees_equal(state8.params, state1.params, rtol=1e-4, atol=1e-6)
