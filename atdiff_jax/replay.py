@@ -5,6 +5,11 @@ the objective: they take a pure `loss_fn(params, batch, delta, rng) -> (loss, au
 `aux['losses']` holds the per-example (unweighted) losses, and a `delta_mask` that is 1 for
 the examples whose input may be perturbed. Parameter gradients are averaged over the mesh
 axis 'data' with `lax.pmean`; delta and its gradients never leave the device.
+
+The K passes (or ascent steps) are unrolled when the step is traced, so they are straight-
+line code inside the one compiled program. K is small, and XLA fuses across passes; a rolled
+loop (`lax.scan` / `fori_loop`) ran the U-Net's forward/backward about 20 times slower on
+XLA:CPU (8.1 s against 0.44 s per quickstart step) and changed float rounding.
 """
 from __future__ import annotations
 
@@ -37,12 +42,7 @@ def _pass_rng(rng: jax.Array, k) -> jax.Array:
 
 def standard(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch,
              rng: jax.Array) -> ReplayOutput:
-  """Plain training: one forward/backward, one update.
-
-  It runs as a one-pass `free` replay without delta: XLA compiles a pass inside a loop
-  differently from straight-line code, and this keeps free AT with K=1 bit for bit the
-  standard step.
-  """
+  """Plain training: one forward/backward, one update (free AT's pass, without delta)."""
   return free(loss_fn, update, state, batch, rng, num_passes=1)
 
 
@@ -62,21 +62,18 @@ def free(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch, rng: jax.A
   """
   perturb = delta0 is not None
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2) if perturb else 0, has_aux=True)
-
-  def one_pass(carry, k):
-    state, delta = carry
+  delta, losses, grad_delta_norm = delta0, [], jnp.zeros(())
+  for k in range(num_passes):
     (loss, aux), grads = grad_fn(state.params, batch, delta, _pass_rng(rng, k))
-    if not perturb:
-      return (update(state, lax.pmean(grads, AXIS), aux), None), (loss, None, jnp.zeros(()))
-    grads, grad_delta = grads
+    losses.append(loss)
+    if perturb:
+      grads, grad_delta = grads
     state = update(state, lax.pmean(grads, AXIS), aux)
-    next_delta = adversarial.ascent_step(delta, grad_delta, ball) * delta_mask
-    return (state, next_delta), (loss, delta, _example_grad_norm(grad_delta))
-
-  (state, _), (losses, deltas, grad_norms) = lax.scan(
-      one_pass, (state, delta0), jnp.arange(num_passes))
-  last_delta = None if deltas is None else deltas[-1]
-  return ReplayOutput(state, losses[0], losses[-1], last_delta, grad_norms[-1])
+    if perturb and k < num_passes - 1:  # the last pass's ascent would go unused
+      delta = adversarial.ascent_step(delta, grad_delta, ball) * delta_mask
+  if perturb:
+    grad_delta_norm = _example_grad_norm(grad_delta)
+  return ReplayOutput(state, losses[0], losses[-1], delta, grad_delta_norm)
 
 
 def pgd(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch, rng: jax.Array,
@@ -87,17 +84,12 @@ def pgd(loss_fn: LossFn, update: UpdateFn, state: TrainState, batch, rng: jax.Ar
   FGSM-AT is this with one ascent step (and, usually, a random start).
   """
   delta_grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
-
-  def ascend(k, carry):
-    delta, first_loss, _ = carry
+  delta, losses = delta0, []
+  for k in range(num_ascent):
     (loss, _), grad_delta = delta_grad_fn(state.params, batch, delta, _pass_rng(rng, k))
-    first_loss = jnp.where(k == 0, loss, first_loss)
+    losses.append(loss)
     delta = adversarial.ascent_step(delta, grad_delta, ball) * delta_mask
-    return delta, first_loss, _example_grad_norm(grad_delta)
-
-  delta, clean_loss, grad_norm = lax.fori_loop(
-      0, num_ascent, ascend, (delta0, jnp.zeros(()), jnp.zeros(())))
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, delta, _pass_rng(rng, num_ascent))
   state = update(state, lax.pmean(grads, AXIS), aux)
-  return ReplayOutput(state, clean_loss, loss, delta, grad_norm)
+  return ReplayOutput(state, losses[0], loss, delta, _example_grad_norm(grad_delta))

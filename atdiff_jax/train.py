@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -174,10 +173,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
           buffered = []
           writer.scalars(step, values)
           if is_main:
-            extra = ''.join(f' | {k} {values[k]:.4f}' for k in
-                            ('clean_loss', 'delta_over_radius', 'grad_delta_norm')
-                            if k in values and config.adv.method != 'none')
-            print(f'step {step}/{training.num_steps} | loss {values["loss"]:.4f}{extra} | '
+            adversarial_keys = ('clean_loss', 'delta_over_radius', 'grad_delta_norm')
+            extra = ''.join(f' | {k} {values[k]:.4f}' for k in adversarial_keys
+                            if 'delta_over_radius' in values)
+            print(f'step {step}/{training.num_steps} (updates {int(state.opt_step)}) | '
+                  f'loss {values["loss"]:.4f}{extra} | '
                   f'{values["images_per_s"]:.0f} img/s | '
                   f'{values["updates_per_s"]:.1f} updates/s | '
                   f'ETA {_format_eta(values["eta_s"])}', flush=True)

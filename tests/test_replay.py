@@ -7,7 +7,6 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import conftest
-from atdiff_jax import adversarial
 from atdiff_jax.train_step import (create_train_state, make_mesh, make_train_step,
                                    updates_per_minibatch)
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Several GPU machines, one process per machine. Run the same command on every host with
+# its own rank; WORKDIR must be a path all hosts share (NFS, GCS via gcsfuse, ...).
+#   COORDINATOR=host0:1234 NUM_HOSTS=4 HOST_RANK=0 ./launch/multi_host.sh CONFIG WORKDIR [...]
+# Under SLURM or Open MPI, jax.distributed.initialize() finds these by itself and the
+# three variables may be left unset.
+set -euo pipefail
+config=$1 workdir=$2; shift 2
+if [[ -n "${COORDINATOR:-}" ]]; then
+  export JAX_COORDINATOR_ADDRESS=$COORDINATOR
+  export JAX_NUM_PROCESSES=${NUM_HOSTS:?set NUM_HOSTS}
+  export JAX_PROCESS_ID=${HOST_RANK:?set HOST_RANK}
+fi
+exec python -m atdiff_jax.main --config="$config" --workdir="$workdir" --mode=train \
+  --config.training.multi_host=True "$@"
