@@ -69,4 +69,36 @@ def get_config() -> ml_collections.ConfigDict:
   # DDPM-IP baseline: x_t built from eps + gamma * xi while the target stays eps.
   config.input_perturbation = ip = ml_collections.ConfigDict()
   ip.gamma = 0.0
+
+  # Sampling (--mode=sample) and the evaluation sweep (--mode=eval) of a trained run.
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.step = -1                   # checkpoint step to load; -1 = the latest
+  ev.use_ema = True              # EMA params (else the raw training params)
+  ev.ema_index = 0               # which of training.ema_rates
+  ev.seed = 0                    # batch b uses fold_in(key(seed), b): any device count
+  ev.batch_size = 256            # global images per sampler call; a multiple of the devices
+  ev.num_samples = 50_000        # per sample run, and per cell of the sweep
+  # --mode=sample: one setting, written as .npz shards.
+  ev.sampler = 'dpm_solver++'    # ancestral | ddim | dpm_solver++
+  ev.nfe = 10                    # network evaluations (= sampler steps for all three)
+  ev.eps_scale = 1.0             # epsilon scaling lambda (ADM-ES): eps / lambda; 1 = off
+  ev.out_dir = ''                # empty: RUN/samples/<sampler>_nfe<N>_es<lambda>
+  # --mode=eval: every combination of these, results in RUN/eval/.
+  ev.samplers = ('ancestral', 'ddim', 'dpm_solver++')
+  ev.nfes = (50, 20, 10, 8, 5)
+  ev.eps_scales = (1.0,)
+  # Converted FID Inception weights (python -m atdiff_jax.tools.convert_inception);
+  # empty: no FID / IS, only the offline metrics (fd_digits, fd_pixels).
+  ev.inception_weights = ''
+  # FID reference statistics (.npz with mu, sigma); empty: computed once from config.data
+  # and cached next to the weights file as <weights name>_<dataset>_stats.npz.
+  ev.ref_stats = ''
+  # Keyword options of each sampler function (atdiff_jax.samplers); 'dpm_solver_pp' is
+  # for 'dpm_solver++' (t_end is 1/T; the AT paper starts at t_start=0.992).
+  ev.sampler_options = ml_collections.ConfigDict()
+  ev.sampler_options.ancestral = ml_collections.ConfigDict({'clip_x0': True})
+  ev.sampler_options.ddim = ml_collections.ConfigDict({'clip_x0': True, 'eta': 0.0})
+  ev.sampler_options.dpm_solver_pp = ml_collections.ConfigDict(
+      {'order': 2, 'skip_type': 'logSNR', 't_start': 1.0, 'clip_x0': False,
+       'lower_order_final': True})
   return config

@@ -1,18 +1,11 @@
 """The quickstart with the paper's efficient (free) adversarial training."""
-from configs import quickstart
+from configs import at_recipe, quickstart
 
 
 def get_config():
-  config = quickstart.get_config()
-  config.adv.method = 'free'
-  config.adv.norm = 'l2'
-  config.adv.steps = 3
-  config.adv.step_size = 0.1
-  config.adv.radius = 0.1
-  config.adv.target = 'delta_detach'
-  config.training.timestep_sampler = 'loss_second_moment'
+  config = at_recipe.apply_free_at(quickstart.get_config())
   # Free AT makes K optimizer updates per minibatch: a third of the minibatches keeps the
-  # number of updates (and the cost) equal to the standard quickstart.
+  # number of updates equal to the standard quickstart's.
   config.training.num_steps = 500
   config.training.log_every = 50
   config.training.checkpoint_every = 250

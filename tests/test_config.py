@@ -51,7 +51,7 @@ def test_bad_value_names_the_field(config, field, value, message):
 
 def test_every_shipped_config_is_valid():
   for name in sorted(os.listdir('configs')):
-    if name.endswith('.py') and name not in ('__init__.py', 'default.py'):
+    if name.endswith('.py') and name not in ('__init__.py', 'default.py', 'at_recipe.py'):
       config = importlib.import_module(f'configs.{name[:-3]}').get_config()
       devices = 8 if config.training.batch_size % 8 == 0 else 1
       config_lib.validate_training(config, num_devices=devices)
@@ -87,3 +87,13 @@ def test_class_conditional_model_needs_labels(config, tmp_path):
   config.model.num_classes = 10
   with pytest.raises(config_lib.ConfigError, match='has no labels'):
     train.train(config, str(tmp_path / 'run'))
+
+
+def test_paper_at_recipe():
+  from configs import cifar10_adm_at  # pylint: disable=g-import-not-at-top
+  config = cifar10_adm_at.get_config()
+  adv = config.adv
+  assert (adv.method, adv.norm, adv.steps, adv.step_size, adv.radius, adv.radius_scale,
+          adv.init, adv.target) == ('free', 'l2', 3, 0.1, 0.1, 'per_dim', 'zero', 'delta_detach')
+  assert config.training.timestep_sampler == 'loss_second_moment'
+  assert config.model.ch == 128 and config.data.image_size == 32

@@ -1,0 +1,16 @@
+"""The paper's adversarial-training settings, shared by every *_at config."""
+
+
+def apply_free_at(config):
+  """Free (efficient) AT: K=3 passes, L2 ball of radius 0.1 per dimension, alpha=0.1,
+  delta_detach target, ADM's loss-second-moment timestep sampler (method.md section 2)."""
+  config.adv.method = 'free'
+  config.adv.norm = 'l2'
+  config.adv.steps = 3
+  config.adv.step_size = 0.1
+  config.adv.radius = 0.1
+  config.adv.radius_scale = 'per_dim'
+  config.adv.init = 'zero'
+  config.adv.target = 'delta_detach'
+  config.training.timestep_sampler = 'loss_second_moment'
+  return config
