@@ -1,0 +1,108 @@
+"""Benchmark results as markdown (a header and one table per part), ready for the README."""
+from __future__ import annotations
+
+from typing import Any
+
+_PEAK_LABELS = {'device_peak': 'device peak', 'host_peak_rss': 'process peak RSS'}
+
+
+def _sig(x: float, digits: int = 3) -> str:
+  """`x` with about `digits` significant digits, no exponent for everyday magnitudes."""
+  if x == 0:
+    return '0'
+  if abs(x) >= 10 ** (digits - 1):
+    return f'{x:,.0f}'
+  return f'{x:.{digits}g}'
+
+
+def _ratio(row: dict, metric: str) -> str:
+  return f'{row["ratio_to_none"][metric]:.2f}×'
+
+
+def _mib(n: int | None) -> str:
+  return 'n/a' if n is None else f'{n / 2**20:,.1f}'
+
+
+def _peak_label(rows: list[dict]) -> str:
+  kinds = {r['peak_memory']['kind'] for r in rows}
+  return ' / '.join(_PEAK_LABELS.get(k, k) for k in sorted(kinds))
+
+
+def format_header(env: dict[str, Any], num_params: int | None = None,
+                  steps: int | None = None, warmup: int = 0, repeats: int = 1) -> str:
+  """Where the numbers come from: backend, devices, versions, config, batch, timing."""
+  shape = 'x'.join(str(d) for d in env['image_shape'])
+  lines = [
+      f'### atdiff_jax benchmark: {env["config"] or "config"}',
+      '',
+      f'- backend: {env["backend"]}, {env["device_count"]} x {env["device_kind"]} '
+      f'({env["process_count"]} process{"es" if env["process_count"] > 1 else ""})',
+      f'- JAX {env["jax_version"]}, Flax {env["flax_version"]}, Python {env["python_version"]}',
+      f'- images {shape}, batch {env["batch_size"]} ({env["per_device_batch"]:g} per device), '
+      f'model dtype {env["model_dtype"]}'
+      + (f', {num_params / 1e6:.2f}M params' if num_params is not None else ''),
+  ]
+  if steps is not None:
+    best = f'best of {repeats} rounds of ' if repeats > 1 else ''
+    lines.append(f'- time per call: {best}{steps} back-to-back calls, rounds visiting every '
+                 f'variant in turn, after {warmup} warm-up call(s); synthetic data')
+  return '\n'.join(lines)
+
+
+def format_train_table(result: dict[str, Any]) -> str:
+  """One row per AT variant; (×) is the ratio to `none`."""
+  rows = result['variants']
+  peak = _peak_label(rows)
+  lines = [
+      f'| AT variant | updates / call | compile (s) | ms / call | ms / update | images / s '
+      f'| updates / s | XLA MiB / device | {peak} MiB |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
+  for r in rows:
+    xla = r['xla_memory']
+    lines.append(
+        f'| {r["name"]} | {r["updates_per_call"]} | {r["compile_s"]:.1f} '
+        f'| {_sig(r["s_per_call"] * 1e3)} ({_ratio(r, "s_per_call")}) '
+        f'| {_sig(r["s_per_update"] * 1e3)} ({_ratio(r, "s_per_update")}) '
+        f'| {_sig(r["images_per_s"])} ({_ratio(r, "images_per_s")}) '
+        f'| {_sig(r["updates_per_s"])} ({_ratio(r, "updates_per_s")}) '
+        f'| {_mib(xla and xla["footprint_bytes"])} | {_mib(r["peak_memory"]["bytes"])} |')
+  lines += [
+      '',
+      f'Train step, global batch {result["batch_size"]}; (×) = ratio to `none`. '
+      'XLA MiB / device: arguments + outputs − donated + temporaries of the compiled step. '
+      f'{peak[0].upper() + peak[1:]}: running maximum of the process, in the order above.',
+  ]
+  return '\n'.join(lines)
+
+
+def format_sample_table(result: dict[str, Any]) -> str:
+  rows = result['samplers']
+  peak = _peak_label(rows)
+  lines = [
+      f'| sampler | NFE | compile (s) | s / batch | images / s | ms / NFE | XLA MiB / device '
+      f'| {peak} MiB |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
+  for r in rows:
+    xla = r['xla_memory']
+    lines.append(
+        f'| {r["name"]} | {result["nfe"]} | {r["compile_s"]:.1f} | {_sig(r["s_per_batch"])} '
+        f'| {_sig(r["images_per_s"])} | {_sig(r["s_per_nfe"] * 1e3)} '
+        f'| {_mib(xla and xla["footprint_bytes"])} | {_mib(r["peak_memory"]["bytes"])} |')
+  lines += ['', f'Sampling, batch {result["batch_size"]}, random-init params.']
+  return '\n'.join(lines)
+
+
+def format_inception_table(result: dict[str, Any]) -> str:
+  label = _PEAK_LABELS.get(result['peak_memory']['kind'], result['peak_memory']['kind'])
+  size = result['input_size']
+  return '\n'.join([
+      f'| Inception features | batch | first call (s) | s / batch | images / s | {label} MiB |',
+      '| --- | ---: | ---: | ---: | ---: | ---: |',
+      f'| {size}x{size} uint8 -> {result["resized_to"]}, {result["weights"]} weights '
+      f'| {result["batch_size"]} | {result["first_call_s"]:.1f} | {_sig(result["s_per_batch"])} '
+      f'| {_sig(result["images_per_s"])} | {_mib(result["peak_memory"]["bytes"])} |',
+      '',
+      'Host uint8 images in, host features out; first call includes compiling.',
+  ])

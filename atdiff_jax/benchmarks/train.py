@@ -1,0 +1,182 @@
+"""The train step under each adversarial-training variant: compile time, speed, memory.
+
+Every variant is the given config with only `adv.method` / `adv.steps` changed, so the
+ratios to `none` read directly as the cost of adversarial training. Batches are synthetic
+(the config's shape, no dataset), the state is donated as in training, and all variants
+start from the same initial state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atdiff_jax import config as config_lib
+from atdiff_jax.benchmarks import common
+from atdiff_jax.models import create_model
+from atdiff_jax.train_state import make_optimizer
+from atdiff_jax.train_step import (AXIS, create_train_state, make_mesh, make_train_step,
+                                   num_params, updates_per_minibatch)
+
+# Metrics that get a ratio to the `none` variant.
+RATIO_METRICS = ('s_per_call', 's_per_update', 'images_per_s', 'updates_per_s')
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One AT setting: `method` in none | free | pgd | fgsm and its K (`adv.steps`)."""
+  method: str
+  steps: int = 1
+
+  @property
+  def name(self) -> str:
+    return self.method if self.method in ('none', 'fgsm') else f'{self.method} K={self.steps}'
+
+
+DEFAULT_VARIANTS = (Variant('none'), Variant('free', 3), Variant('pgd', 1), Variant('pgd', 3),
+                    Variant('fgsm'))
+
+
+def parse_variants(spec: str) -> tuple[Variant, ...]:
+  """'none,free:3,pgd:1,fgsm' -> variants; `none` is put first when missing (the baseline)."""
+  variants = []
+  for item in (s.strip() for s in spec.split(',')):
+    if not item:
+      continue
+    method, _, k = item.partition(':')
+    if method not in config_lib.ADV_METHODS:
+      raise ValueError(f'unknown AT variant {item!r}: the method must be one of '
+                       f'{", ".join(config_lib.ADV_METHODS)} (optionally method:K)')
+    if method in ('none', 'fgsm') and k:
+      raise ValueError(f'AT variant {item!r}: {method} takes no K')
+    if method in ('free', 'pgd') and not k:
+      raise ValueError(f'AT variant {item!r}: {method} needs K, e.g. {method}:3')
+    try:
+      steps = int(k) if k else 1
+    except ValueError:
+      raise ValueError(f'AT variant {item!r}: K must be an integer') from None
+    if steps < 1:
+      raise ValueError(f'AT variant {item!r}: K must be >= 1')
+    variant = Variant(method, steps)
+    if variant not in variants:
+      variants.append(variant)
+  if Variant('none') not in variants:
+    variants.insert(0, Variant('none'))
+  return tuple(variants)
+
+
+def variant_config(config: ml_collections.ConfigDict,
+                   variant: Variant) -> ml_collections.ConfigDict:
+  """A copy of `config` with the variant's AT method and K; everything else as given."""
+  config = config.copy_and_resolve_references()
+  config.adv.method = variant.method
+  config.adv.steps = variant.steps
+  return config
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, mesh: Mesh, seed: int = 0) -> dict:
+  """A global batch of the config's shape, sharded over the mesh like the data stream's."""
+  rng = np.random.default_rng(seed)
+  b, s, c = config.training.batch_size, config.data.image_size, config.data.channels
+  images = rng.uniform(-1.0, 1.0, (b, s, s, c)).astype(np.float32)
+  labels = rng.integers(0, max(1, config.model.num_classes), (b,)).astype(np.int32)
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {'image': jax.device_put(images, sharding), 'label': jax.device_put(labels, sharding)}
+
+
+def _starter(compiled, host_state, batch, mesh: Mesh):
+  """A function that puts a fresh copy of the initial state on the devices and returns a
+  call running one step on it (each call donates the state and keeps the new one)."""
+  replicated = NamedSharding(mesh, P())
+
+  def start():
+    holder = [jax.device_put(host_state, replicated)]
+
+    def call():
+      holder[0], metrics = compiled(holder[0], batch)
+      return metrics
+
+    return call
+
+  return start
+
+
+def bench_train(config: ml_collections.ConfigDict,
+                variants: Sequence[Variant] = DEFAULT_VARIANTS,
+                steps: int = 5,
+                warmup: int = 1,
+                repeats: int = 3,
+                mesh: Mesh | None = None,
+                model=None,
+                log=None) -> dict[str, Any]:
+  """Measures every variant in this process; returns JSON-ready numbers.
+
+  `model` defaults to the one `config.model` describes.
+
+  First each variant is compiled and warmed up (at least one call, after which the
+  process's peak memory is read), then the timed runs visit the variants in turn for
+  `repeats` rounds of `steps` calls; s_per_call is each variant's best round.
+
+  Result: {'batch_size', 'num_params', 'steps', 'warmup', 'repeats', 'variants': [per
+  variant: name, method, k, updates_per_call, compile_s, s_per_call (best round),
+  round_s_per_call (every round), s_per_update, images_per_s, updates_per_s,
+  ratio_to_none {metric: value / none's value}, xla_memory, peak_memory]}.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  variants = tuple(variants)
+  if not variants or variants[0] != Variant('none'):
+    raise ValueError('the first variant must be none: every ratio is taken to it')
+  configs = [variant_config(config, v) for v in variants]
+  for c in configs:  # every variant's config is checked before anything compiles
+    config_lib.validate_training(c, mesh.size)
+
+  model = create_model(config) if model is None else model
+  tx = make_optimizer(config.training)
+  # One initial state for all variants, kept on the host so that it adds nothing to the
+  # device memory that is measured.
+  state = create_train_state(config, mesh, model, tx)
+  host_state = jax.device_get(state)
+  del state
+  batch = synthetic_batch(config, mesh, config.seed)
+
+  rows, starts = [], []
+  for variant, c in zip(variants, configs):
+    if log:
+      log(f'train: compiling {variant.name}')
+    step = make_train_step(c, mesh, model, tx)
+    compiled, compile_s = common.time_compile(
+        step, jax.device_put(host_state, NamedSharding(mesh, P())), batch)
+    start = _starter(compiled, host_state, batch, mesh)
+    common.warm_up(start(), max(warmup, 1))
+    starts.append(start)
+    rows.append({
+        'name': variant.name, 'method': variant.method, 'k': variant.steps,
+        'updates_per_call': updates_per_minibatch(c), 'compile_s': compile_s,
+        'xla_memory': common.compiled_memory(compiled), 'peak_memory': common.peak_memory(),
+    })
+  if log:
+    log(f'train: timing {len(rows)} variants, {repeats} rounds of {steps} calls')
+  for row, times in zip(rows, common.round_robin(starts, steps, repeats)):
+    s_per_call = min(times)
+    row.update({
+        's_per_call': s_per_call,
+        'round_s_per_call': times,
+        's_per_update': s_per_call / row['updates_per_call'],
+        'images_per_s': config.training.batch_size / s_per_call,
+        'updates_per_s': row['updates_per_call'] / s_per_call,
+    })
+  base = rows[0]
+  for row in rows:
+    row['ratio_to_none'] = {m: row[m] / base[m] for m in RATIO_METRICS}
+  return {
+      'batch_size': int(config.training.batch_size),
+      'num_params': num_params(host_state.params),
+      'steps': steps,
+      'warmup': max(warmup, 1),
+      'repeats': repeats,
+      'variants': rows,
+  }

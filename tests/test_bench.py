@@ -1,0 +1,64 @@
+"""Benchmark smoke test: result structure and reporting (speed is never asserted)."""
+import pytest
+
+from atdiff_jax.benchmarks import (Variant, bench_train, format_train_table, parse_variants,
+                                   variant_config)
+from conftest import ToyDenoiser, tiny_config
+
+
+def test_parse_variants():
+  assert parse_variants('free:3, pgd:1,fgsm') == (
+      Variant('none'), Variant('free', 3), Variant('pgd', 1), Variant('fgsm'))
+  assert [v.name for v in parse_variants('none,pgd:3')] == ['none', 'pgd K=3']
+  for bad in ('bogus', 'free', 'pgd:0', 'fgsm:2', 'free:x'):
+    with pytest.raises(ValueError):
+      parse_variants(bad)
+
+
+def test_variant_config_changes_only_adv():
+  config = tiny_config()
+  derived = variant_config(config, Variant('free', 5))
+  assert (derived.adv.method, derived.adv.steps) == ('free', 5)
+  assert (config.adv.method, config.adv.steps) == ('none', 3)  # the original is untouched
+  derived.adv.method, derived.adv.steps = config.adv.method, config.adv.steps
+  assert derived.to_dict() == config.to_dict()
+
+
+def test_bench_train_structure():
+  config = tiny_config()
+  k = 2
+  # The stand-in denoiser compiles in about a second; the U-Net's speed is not under test.
+  result = bench_train(config, (Variant('none'), Variant('free', k)), steps=1, warmup=1,
+                       repeats=2, model=ToyDenoiser())
+  assert result['batch_size'] == config.training.batch_size
+  assert result['num_params'] > 0
+  none, free = result['variants']
+  assert [none['name'], free['name']] == ['none', f'free K={k}']
+  assert none['updates_per_call'] == 1 and free['updates_per_call'] == k
+  for metric, ratio in none['ratio_to_none'].items():
+    assert ratio == 1.0, metric
+  for row in (none, free):
+    for key in ('compile_s', 's_per_call', 's_per_update', 'images_per_s', 'updates_per_s'):
+      assert row[key] > 0, key
+    assert len(row['round_s_per_call']) == 2
+    assert row['s_per_call'] == min(row['round_s_per_call'])
+    assert row['s_per_update'] == pytest.approx(row['s_per_call'] / row['updates_per_call'])
+    assert row['images_per_s'] == pytest.approx(config.training.batch_size / row['s_per_call'])
+    assert row['peak_memory']['bytes'] > 0
+    assert row['xla_memory']['footprint_bytes'] > 0
+  assert free['ratio_to_none']['s_per_call'] == pytest.approx(
+      free['s_per_call'] / none['s_per_call'])
+  # free makes k updates per call: its per-update time is its per-call time over k.
+  assert free['ratio_to_none']['updates_per_s'] == pytest.approx(
+      k * none['s_per_call'] / free['s_per_call'])
+
+  table = format_train_table(result).splitlines()
+  assert table[0].startswith('| AT variant |')
+  assert table[2].startswith('| none | 1 |') and table[2].count('(1.00×)') == 4
+  assert table[3].startswith(f'| free K={k} | {k} |')
+  assert all(line.count('|') == table[0].count('|') for line in table[1:4])
+
+
+def test_bench_train_needs_none_first():
+  with pytest.raises(ValueError, match='none'):
+    bench_train(tiny_config(), (Variant('free', 2),), steps=1, warmup=0)
