@@ -1,4 +1,16 @@
-"""Command line: `python -m atdiff_jax.main --config=configs/X.py --workdir=DIR --mode=train`.
+"""Command line: `python -m atdiff_jax.main --workdir=RUN --mode=train|sample|eval [--config=...]`.
+
+  train:  --config=configs/X.py is required; trains (or resumes) the run in RUN.
+  sample: writes config.eval.num_samples images with one sampler setting to .npz shards
+          (default RUN/samples/<sampler>_nfe<N>_es<lambda>/), resumable.
+  eval:   the sweep config.eval.samplers x nfes x eps_scales into RUN/eval/ (results.json,
+          .csv, .md, fid_vs_nfe.png), resumable.
+
+For sample and eval, the model always comes from RUN/config.json (what the checkpoint was
+trained with). Without --config, the eval settings stored there are used. To change them,
+pass the run's own config file and override fields, e.g.
+  --config=configs/quickstart.py --config.eval.nfe=20 --config.eval.sampler=ddim
+then the eval and data blocks of --config are used (its model must match the run's).
 
 Flags and mode dispatch only; the work lives in the library.
 """
@@ -10,28 +22,40 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file; required for train, optional for sample and eval.',
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to do.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
+  if config is None and _MODE.value == 'train':
+    raise app.UsageError('--config is required for --mode=train')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S')
   for noisy in ('absl', 'jax._src', 'orbax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if config.training.multi_host:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-
-  # Imported after distributed initialisation: nothing may touch a JAX backend before it.
-  from atdiff_jax import checkpoint, config as config_lib, train  # pylint: disable=g-import-not-at-top
+  # Imports only (reading config.json touches no JAX backend).
+  from atdiff_jax import checkpoint, config as config_lib  # pylint: disable=g-import-not-at-top
   try:
+    run_config = config if config is not None else checkpoint.load_config(_WORKDIR.value)
+    if run_config.training.multi_host:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize()
+
+    # Imported after distributed initialisation: nothing may touch a JAX backend before it.
+    # pylint: disable=g-import-not-at-top
     if _MODE.value == 'train':
+      from atdiff_jax import train
       train.train(config, _WORKDIR.value)
+    else:
+      from atdiff_jax import evaluation
+      entry = evaluation.sample_mode if _MODE.value == 'sample' else evaluation.eval_mode
+      entry(_WORKDIR.value, config)
   except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -1,0 +1,294 @@
+"""A trained run, opened read-only for sampling: its config, its weights, a sampler factory.
+
+`load_run` restores one params tree (the EMA params by default) of one checkpoint step with
+Orbax, replicated over the mesh; nothing in the workdir is written or changed. The eval
+settings (`config.eval`) are resolved here too, for the command line's sample and eval
+modes (see `resolve_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atdiff_jax import checkpoint, samplers
+from atdiff_jax import config as config_lib
+from atdiff_jax.diffusion import get_beta_schedule
+from atdiff_jax.models import create_model, inception, make_apply_fn
+from atdiff_jax.train_state import make_optimizer
+from atdiff_jax.train_step import make_init_fn, make_mesh
+
+log = logging.getLogger(__name__)
+
+SampleFn = Callable[..., jax.Array]
+_ITEM = 'default'  # the single unnamed item of a CheckpointManager step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One checkpoint of a training run, ready to sample from."""
+  config: ml_collections.ConfigDict
+  params: Any               # one params tree, replicated over `mesh`
+  model: Any                # the Flax U-Net
+  mesh: Mesh                # 1-D, axis 'data'
+  step: int                 # the checkpoint's minibatch count
+  workdir: str
+  use_ema: bool = True
+  ema_index: int = 0
+
+  @property
+  def default_batch_size(self) -> int:
+    """`config.eval.batch_size` (256 for a config without an eval block)."""
+    return int(self.config.eval.batch_size) if 'eval' in self.config else 256
+
+  @property
+  def weights_name(self) -> str:
+    """'ema0.9999' or 'params': which weights were loaded, for result tables."""
+    if not self.use_ema:
+      return 'params'
+    return f'ema{self.config.training.ema_rates[self.ema_index]}'
+
+  def sample_fn(self, sampler: str = 'dpm_solver++', nfe: int = 10, eps_scale: float = 1.0,
+                batch_size: int | None = None, **opts: Any) -> SampleFn:
+    """A jitted `sample(rng, labels=None) -> images` in [-1, 1], (batch, H, W, C).
+
+    One call draws `batch_size` images (default `config.eval.batch_size`, a multiple of
+    the mesh's devices) with `nfe` network evaluations, sharded over the mesh. Noise is
+    drawn on the global shape, so an rng gives the same images on any number of devices.
+    Class-conditional models take int labels (batch,), by default 0, 1, ... mod classes.
+    `opts` go to the sampler function (e.g. `eta` for DDIM, `order` for DPM-Solver++).
+    """
+    config = self.config
+    batch_size = self.default_batch_size if batch_size is None else int(batch_size)
+    devices = self.mesh.shape[samplers.DATA_AXIS]
+    if batch_size <= 0 or batch_size % devices:
+      raise ValueError(f'batch_size {batch_size} must be a positive multiple of the '
+                       f'{devices} devices')
+    num_timesteps = config.diffusion.num_timesteps
+    if not 1 <= nfe <= num_timesteps:
+      raise ValueError(f'nfe must be in 1..{num_timesteps} (the diffusion steps), got {nfe}')
+    if eps_scale <= 0:
+      raise ValueError(f'eps_scale must be > 0, got {eps_scale}')
+    size, channels = config.data.image_size, config.data.channels
+    shape = (batch_size, size, size, channels)
+    betas = get_beta_schedule(config.diffusion.schedule, num_timesteps)
+    apply = make_apply_fn(self.model)
+    sample = samplers.make_sample_fn(
+        lambda x, t, y, params: apply(params, x, t, y), sampler, betas, int(nfe), shape,
+        self.mesh, eps_scale=float(eps_scale), **opts)
+    num_classes = int(config.model.num_classes)
+    default_labels = (jnp.arange(batch_size, dtype=jnp.int32) % num_classes
+                      if num_classes else None)
+    batch_sharding = NamedSharding(self.mesh, P(samplers.DATA_AXIS))
+    clipped = jax.jit(lambda rng, labels, params: jnp.clip(sample(rng, labels, params),
+                                                           -1.0, 1.0),
+                      out_shardings=batch_sharding)
+    params = self.params
+
+    def sample_images(rng: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+      if num_classes:
+        labels = default_labels if labels is None else jnp.asarray(labels, jnp.int32)
+      elif labels is not None:
+        raise ValueError('labels given, but the model is unconditional')
+      return clipped(rng, labels, params)
+
+    return sample_images
+
+
+def _step_dir(workdir: str, step: int | None) -> str:
+  if step is None:
+    return checkpoint.find_checkpoint(workdir)
+  directory = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
+  path = os.path.join(directory, str(step))
+  if not os.path.isdir(path):
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+        directory) else []
+    raise checkpoint.CheckpointError(f'no checkpoint for step {step} in {directory} '
+                                     f'(steps there: {steps or "none"})')
+  return path
+
+
+def load_run(workdir: str, step: int | None = None, use_ema: bool = True, ema_index: int = 0,
+             mesh: Mesh | None = None, config: ml_collections.ConfigDict | None = None) -> Run:
+  """Opens checkpoint `step` (default: the latest) of the run in `workdir`, read-only.
+
+  Restores only the params tree asked for: `ema_params[ema_index]` (one per
+  `config.training.ema_rates`) or, with `use_ema=False`, the raw training params. The
+  abstract tree comes from the run's config via `make_init_fn`, and the arrays land
+  replicated on `mesh` (default: all devices). `config` replaces `workdir/config.json`
+  (it must describe the same model). Raises `checkpoint.CheckpointError` when the
+  checkpoint is missing or does not fit the config.
+  """
+  config = checkpoint.load_config(workdir) if config is None else config
+  config_lib.validate_model(config)
+  num_ema = len(config.training.ema_rates)
+  if use_ema and not 0 <= ema_index < num_ema:
+    raise config_lib.ConfigError(
+        f'config.eval.ema_index={ema_index}: the run keeps {num_ema} EMA trees '
+        f'(training.ema_rates={tuple(config.training.ema_rates)})')
+  mesh = make_mesh() if mesh is None else mesh
+  step_dir = _step_dir(workdir, step)
+  model = create_model(config)
+  abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.training)),
+                            jax.random.key(0))
+  replicated = NamedSharding(mesh, P())
+  target_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract.params)
+  if use_ema:  # the other EMA trees are skipped, not read
+    skip = jax.tree.map(lambda _: ocp.PLACEHOLDER, target_params)
+    target = {'ema_params': [target_params if i == ema_index else skip
+                             for i in range(num_ema)]}
+  else:
+    target = {'params': target_params}
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(
+          os.path.join(step_dir, _ITEM), args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+  except Exception as e:  # Orbax raises many types; name the checkpoint either way.
+    raise checkpoint.CheckpointError(
+        f'cannot load {"ema_params" if use_ema else "params"} from {step_dir}: {e}. '
+        'Does the config describe the model of this run?') from e
+  params = restored['ema_params'][ema_index] if use_ema else restored['params']
+  return Run(config=config, params=params, model=model, mesh=mesh,
+             step=int(os.path.basename(step_dir)), workdir=os.path.abspath(workdir),
+             use_ema=use_ema, ema_index=ema_index)
+
+
+# ------------------------------------------------------------------ eval settings
+
+
+def sampler_options(eval_config: ml_collections.ConfigDict, sampler: str) -> dict[str, Any]:
+  """`config.eval.sampler_options` for `sampler` ('dpm_solver++' -> 'dpm_solver_pp')."""
+  key = sampler.replace('++', '_pp')
+  options = eval_config.get('sampler_options') or {}
+  block = options.get(key) if hasattr(options, 'get') else None
+  if block is None:
+    return {}
+  return dict(block.to_dict() if hasattr(block, 'to_dict') else block)
+
+
+def _plain(block: Any) -> Any:
+  """A config block as plain JSON values (tuples and lists compare equal)."""
+  return json.loads(ml_collections.ConfigDict(block).to_json_best_effort())
+
+
+def resolve_config(workdir: str, override: ml_collections.ConfigDict | None = None
+                   ) -> ml_collections.ConfigDict:
+  """The config for sampling or evaluating the run in `workdir`.
+
+  The run's `config.json` always gives the model, the diffusion and the training block
+  (the checkpoint's shape). With `override` (the `--config` of the command line, usually
+  the run's own config file plus `--config.eval.*` flags), its `eval` and `data` blocks
+  and `model.dtype` are used instead; it must describe the same model, or this raises
+  ConfigError. Without it, the eval block stored in `config.json` is used as is.
+  """
+  config = checkpoint.load_config(workdir)
+  if override is None:
+    if 'eval' not in config:
+      raise config_lib.ConfigError(
+          f'{os.path.join(workdir, checkpoint.CONFIG_FILE)} has no eval block; pass '
+          '--config=<the config file the run was trained with> (and --config.eval.* flags)')
+    return config
+  ours = {'model': _plain(config.model), 'diffusion': _plain(config.diffusion),
+          'data': {k: config.data[k] for k in ('image_size', 'channels')}}
+  theirs = {'model': _plain(override.model), 'diffusion': _plain(override.diffusion),
+            'data': {k: override.data[k] for k in ('image_size', 'channels')}}
+  differ = [f'{block}.{k}={theirs[block].get(k)!r} (the run: {ours[block].get(k)!r})'
+            for block in ours for k in sorted(set(ours[block]) | set(theirs[block]))
+            if k != 'dtype' and ours[block].get(k) != theirs[block].get(k)]
+  if differ:
+    raise config_lib.ConfigError(
+        f'--config describes another model than the run in {workdir}: '
+        f'{", ".join(differ[:4])}{", ..." if len(differ) > 4 else ""}; pass the config file '
+        'the run was trained with')
+  config.eval = ml_collections.ConfigDict(override.eval.to_dict())
+  config.data = ml_collections.ConfigDict(override.data.to_dict())
+  config.model.dtype = override.model.dtype
+  return config
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+  raise config_lib.ConfigError(f'config.eval.{field}={value!r}: {why}')
+
+
+def _check_sampler(field: str, name: Any) -> None:
+  if name not in samplers.SAMPLERS:
+    _fail(field, name, f'must be one of {", ".join(samplers.SAMPLERS)}')
+
+
+def _check_nfe(field: str, nfe: Any, num_timesteps: int) -> None:
+  if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= num_timesteps:
+    _fail(field, nfe, f'must be an integer in 1..{num_timesteps} (diffusion.num_timesteps)')
+
+
+def _check_eps_scale(field: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    _fail(field, value, 'must be a number > 0 (1 = no epsilon scaling)')
+
+
+def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int) -> None:
+  """Checks `config.eval` for `mode` ('sample' or 'eval') before anything compiles."""
+  if 'eval' not in config:
+    raise config_lib.ConfigError('config.eval is missing')
+  config_lib.validate_model(config)
+  ev = config.eval
+  num_timesteps = config.diffusion.num_timesteps
+  for field in ('batch_size', 'num_samples'):
+    value = ev[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      _fail(field, value, 'must be a positive integer')
+  if ev.batch_size % num_devices:
+    _fail('batch_size', ev.batch_size, f'must be divisible by the number of devices '
+          f'({num_devices})')
+  if not isinstance(ev.step, int) or ev.step < -1:
+    _fail('step', ev.step, 'must be a checkpoint step, or -1 for the latest')
+  num_ema = len(config.training.ema_rates)
+  if ev.use_ema and not 0 <= ev.ema_index < num_ema:
+    _fail('ema_index', ev.ema_index, f'the run keeps {num_ema} EMA trees '
+          f'(training.ema_rates={tuple(config.training.ema_rates)})')
+  if mode == 'sample':
+    _check_sampler('sampler', ev.sampler)
+    _check_nfe('nfe', ev.nfe, num_timesteps)
+    _check_eps_scale('eps_scale', ev.eps_scale)
+    return
+  if ev.num_samples < 2:
+    _fail('num_samples', ev.num_samples, 'must be >= 2 to estimate a covariance')
+  for field in ('samplers', 'nfes', 'eps_scales'):
+    if not tuple(ev[field]):
+      _fail(field, ev[field], 'must not be empty')
+  for name in ev.samplers:
+    _check_sampler('samplers', name)
+  for nfe in ev.nfes:
+    _check_nfe('nfes', nfe, num_timesteps)
+  for value in ev.eps_scales:
+    _check_eps_scale('eps_scales', value)
+  if ev.inception_weights and not os.path.isfile(ev.inception_weights):
+    try:  # raises at once for a missing file, with the steps to make one
+      inception.load_inception_weights(ev.inception_weights)
+    except FileNotFoundError as e:
+      raise config_lib.ConfigError(f'config.eval.inception_weights: {e}') from None
+  if ev.ref_stats and not ev.inception_weights:
+    _fail('ref_stats', ev.ref_stats, 'FID reference statistics need '
+          'config.eval.inception_weights (the network they were computed with)')
+  if ev.ref_stats and not os.path.isfile(ev.ref_stats):
+    _fail('ref_stats', ev.ref_stats, 'no such file (leave it empty to compute the reference '
+          'statistics from config.data)')
+
+
+def open_run(workdir: str, override: ml_collections.ConfigDict | None, mode: str) -> Run:
+  """The command line's way in: resolve and check the config, then `load_run`."""
+  config = resolve_config(workdir, override)
+  validate_eval(config, mode, jax.device_count())
+  ev = config.eval
+  return load_run(workdir, None if ev.step == -1 else ev.step, bool(ev.use_ema),
+                  int(ev.ema_index), config=config)
