@@ -209,17 +209,17 @@ def test_tfds_unlabeled_variable_size_images_are_cropped_and_resized(tmp_path):
 def test_tfds_errors(tiny_tfds_dir, tmp_path):
   tfds_config = dict(name='atdiff_tiny_images', tfds_data_dir=tiny_tfds_dir,
                      image_size=_TFDS_SIZE, channels=3)
-  with pytest.raises(ValueError, match=r"^data\.split: 'valid'"):
+  with pytest.raises(ValueError, match=r"^config\.data\.split: 'valid'"):
     data.create_source(_config(**{**tfds_config, 'split': 'valid'}))
-  with pytest.raises(ValueError, match=r'^data\.image_size: 8 .*set data\.image_size=4'):
+  with pytest.raises(ValueError, match=r'^config\.data\.image_size: 8 .*set data\.image_size=4'):
     data.create_source(_config(**{**tfds_config, 'image_size': 8}))
-  with pytest.raises(ValueError, match=r'^data\.channels: 1 '):
+  with pytest.raises(ValueError, match=r'^config\.data\.channels: 1 '):
     data.create_source(_config(**{**tfds_config, 'channels': 1}))
   # Registered but not prepared in this directory: says how to prepare it.
-  with pytest.raises(ValueError, match=r'^data\.name: .*not prepared.*tfds build '
+  with pytest.raises(ValueError, match=r'^config\.data\.name: .*not prepared.*tfds build '
                      r'atdiff_tiny_images --file_format=array_record'):
     data.create_source(_config(**{**tfds_config, 'tfds_data_dir': str(tmp_path)}))
-  with pytest.raises(ValueError, match=r"^data\.name: unknown dataset 'no_such_data_set_xyz'"):
+  with pytest.raises(ValueError, match=r"^config\.data\.name: unknown dataset 'no_such_data_set_xyz'"):
     data.create_source(_config(name='no_such_data_set_xyz', tfds_data_dir=str(tmp_path)))
 
 
@@ -265,7 +265,7 @@ def test_create_source_rejects_bad_input_with_one_clear_line(tmp_path):
       data.create_source(_config(**overrides))
     message = str(info.value)
     assert '\n' not in message, message
-    assert message.startswith(f'data.{field}: '), (overrides, message)
+    assert message.startswith(f'config.data.{field}: '), (overrides, message)
     assert re.search(problem, message), (overrides, message)
 
 
