@@ -27,6 +27,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+# Multi-host (config.training.multi_host): on TPU pods, SLURM and Open MPI JAX finds these
+# itself; elsewhere give them (the coordinator also reads JAX_COORDINATOR_ADDRESS).
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -45,7 +50,7 @@ def main(argv):
     run_config = config if config is not None else checkpoint.load_config(_WORKDIR.value)
     if run_config.training.multi_host:
       import jax  # pylint: disable=g-import-not-at-top
-      jax.distributed.initialize()
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     # Imported after distributed initialisation: nothing may touch a JAX backend before it.
     # pylint: disable=g-import-not-at-top

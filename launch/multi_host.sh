@@ -6,10 +6,10 @@
 # three variables may be left unset.
 set -euo pipefail
 config=$1 workdir=$2; shift 2
+cluster=()
 if [[ -n "${COORDINATOR:-}" ]]; then
-  export JAX_COORDINATOR_ADDRESS=$COORDINATOR
-  export JAX_NUM_PROCESSES=${NUM_HOSTS:?set NUM_HOSTS}
-  export JAX_PROCESS_ID=${HOST_RANK:?set HOST_RANK}
+  cluster=(--coordinator_address="$COORDINATOR" --num_processes="${NUM_HOSTS:?set NUM_HOSTS}"
+           --process_id="${HOST_RANK:?set HOST_RANK}")
 fi
 exec python -m atdiff_jax.main --config="$config" --workdir="$workdir" --mode=train \
-  --config.training.multi_host=True "$@"
+  --config.training.multi_host=True "${cluster[@]}" "$@"
