@@ -94,11 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
   # and cached next to the weights file as <weights name>_<dataset>_stats.npz.
   ev.ref_stats = ''
   # Keyword options of each sampler function (atdiff_jax.samplers); 'dpm_solver_pp' is
-  # for 'dpm_solver++' (t_end is 1/T; the AT paper starts at t_start=0.992).
+  # for 'dpm_solver++' (t_end is 1/T). It starts at t=0.992, as the AT paper: at t=1 the
+  # cosine schedule's alpha is ~0 and the unclipped x0 prediction explodes.
   ev.sampler_options = ml_collections.ConfigDict()
   ev.sampler_options.ancestral = ml_collections.ConfigDict({'clip_x0': True})
   ev.sampler_options.ddim = ml_collections.ConfigDict({'clip_x0': True, 'eta': 0.0})
   ev.sampler_options.dpm_solver_pp = ml_collections.ConfigDict(
-      {'order': 2, 'skip_type': 'logSNR', 't_start': 1.0, 'clip_x0': False,
+      {'order': 2, 'skip_type': 'logSNR', 't_start': 0.992, 'clip_x0': False,
        'lower_order_final': True})
   return config

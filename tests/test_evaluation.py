@@ -22,6 +22,7 @@ from atdiff_jax import checkpoint
 from atdiff_jax import config as config_lib
 from atdiff_jax import evaluation
 from atdiff_jax.evaluation import report, sweep
+from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.train_step import make_mesh
 from conftest import tiny_config
 
@@ -161,9 +162,10 @@ def test_sample_mode_writes_shards_and_resumes(trained):
   assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8 and labels is None
   with Image.open(os.path.join(out_dir, 'grid.png')) as grid:
     assert grid.size[0] > 32
+  options = run_lib.sampler_options(config.eval, 'dpm_solver++')
   np.testing.assert_array_equal(
       images, evaluation.generate(evaluation.load_run(workdir), 40, nfe=NFE,
-                                  batch_size=BATCH, seed=0))
+                                  batch_size=BATCH, seed=0, **options))
 
   # Resume: the missing shard is made again, the others are kept untouched.
   kept = {n: os.stat(os.path.join(out_dir, n)).st_mtime_ns for n in _shards(out_dir)}
