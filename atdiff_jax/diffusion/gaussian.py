@@ -14,6 +14,16 @@ import numpy as np
 Array = jax.Array
 
 
+def split_eps(model_output: Array, channels: int, learn_sigma: bool) -> Array:
+  """The eps half of a model output, after checking its channel count (C, or 2C with the
+  learned-range variance in the second half)."""
+  expected = 2 * channels if learn_sigma else channels
+  if model_output.shape[-1] != expected:
+    raise ValueError(f'model output has {model_output.shape[-1]} channels; expected {expected} '
+                     f'for {channels}-channel data with learn_sigma={learn_sigma}.')
+  return model_output[..., :channels]
+
+
 def _extract(table: Array, t: Array, ndim: int) -> Array:
   """table[t] reshaped to (B, 1, ..., 1) with `ndim` axes in total."""
   t = jnp.asarray(t)
@@ -129,14 +139,9 @@ class GaussianDiffusion:
     """
     model_output = model_output.astype(jnp.float32)
     x_t = x_t.astype(jnp.float32)
-    channels = x_t.shape[-1]
-    expected = 2 * channels if learn_sigma else channels
-    if model_output.shape[-1] != expected:
-      raise ValueError(f'model output has {model_output.shape[-1]} channels; expected {expected} '
-                       f'for {channels}-channel data with learn_sigma={learn_sigma}.')
-    eps = model_output[..., :channels]
+    eps = split_eps(model_output, x_t.shape[-1], learn_sigma)
     if learn_sigma:
-      frac = (model_output[..., channels:] + 1.0) / 2.0
+      frac = (model_output[..., x_t.shape[-1]:] + 1.0) / 2.0
       max_log = _extract(self.log_betas, t, x_t.ndim)
       min_log = _extract(self.posterior_log_variance_clipped, t, x_t.ndim)
       log_variance = frac * max_log + (1.0 - frac) * min_log

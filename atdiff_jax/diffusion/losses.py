@@ -4,7 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from atdiff_jax.diffusion.gaussian import GaussianDiffusion
+from atdiff_jax.diffusion.gaussian import GaussianDiffusion, split_eps
 
 Array = jax.Array
 
@@ -77,11 +77,7 @@ def hybrid_loss(diffusion: GaussianDiffusion, model_output: Array, x0: Array, x_
   x_t = x_t.astype(jnp.float32)
   eps_target = eps_target.astype(jnp.float32)
   channels = x0.shape[-1]
-  expected = 2 * channels if learn_sigma else channels
-  if model_output.shape[-1] != expected:
-    raise ValueError(f'model output has {model_output.shape[-1]} channels; expected {expected} '
-                     f'for {channels}-channel data with learn_sigma={learn_sigma}.')
-  eps_pred = model_output[..., :channels]
+  eps_pred = split_eps(model_output, channels, learn_sigma)
   mse = _mean_flat(jnp.square(eps_pred - eps_target))
   if learn_sigma:
     # The VB term must not move the mean: it only learns the variance (improved DDPM).
