@@ -3,6 +3,9 @@
 Each sampler has the signature
   sample(model_fn, rng, shape, betas, num_steps, *, y=None, eps_scale=1.0, clip_x0=..., **opts)
 and returns x0 samples of `shape`; see `common` for the model function's contract.
+For the probes, every sampler also takes `perturb_fn` (common.PerturbFn: replaces the
+state before each model call) and `return_trajectory` (then it returns (x0,
+common.Trajectory): each step's time, noise level, model input and eps).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from atdiff_jax.samplers import common
 from atdiff_jax.samplers.ancestral import sample_ancestral
+from atdiff_jax.samplers.common import PerturbFn, Trajectory
 from atdiff_jax.samplers.ddim import sample_ddim
 from atdiff_jax.samplers.dpm_solver import sample_dpm_solver_pp
 from atdiff_jax.samplers.respace import space_timesteps
@@ -79,13 +83,15 @@ def make_sample_fn(model_fn: Callable[..., jax.Array],
         lambda x, t, labels: model_fn(x, t, labels, *model_args))
     return sampler(bound, rng, shape, betas, num_steps, y=y, sharding=sharding, **opts)
 
-  if sharding is None:
+  if sharding is None or opts.get('return_trajectory'):
     return jax.jit(sample)
   return jax.jit(sample, out_shardings=sharding)
 
 
 __all__ = [
+    'PerturbFn',
     'SAMPLERS',
+    'Trajectory',
     'get_sampler',
     'make_sample_fn',
     'sample_ancestral',

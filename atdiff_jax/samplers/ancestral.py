@@ -23,7 +23,9 @@ def sample_ancestral(model_fn: common.ModelFn,
                      clip_x0: bool = True,
                      respacing: str | Sequence[int] | None = None,
                      fixed_variance: str = 'large',
-                     sharding: NamedSharding | None = None) -> jax.Array:
+                     sharding: NamedSharding | None = None,
+                     perturb_fn: common.PerturbFn | None = None,
+                     return_trajectory: bool = False) -> common.SampleOutput:
   """Draws x0 samples with ADM's p_sample loop; one model call per step.
 
   Learned-sigma models (2C output channels) use their learned-range variance,
@@ -38,6 +40,8 @@ def sample_ancestral(model_fn: common.ModelFn,
   fixed_log_var = process.fixed_log_variance(fixed_variance)
   per_step = {
       't': common.reversed_f32(process.timestep_map.astype(np.float64)),
+      'alpha': common.reversed_f32(np.sqrt(process.alphas_cumprod)),
+      'sigma': common.reversed_f32(np.sqrt(1.0 - process.alphas_cumprod)),
       'sqrt_recip_abar': common.reversed_f32(process.sqrt_recip_alphas_cumprod),
       'sqrt_recipm1_abar': common.reversed_f32(process.sqrt_recipm1_alphas_cumprod),
       'coef_x0': common.reversed_f32(process.posterior_mean_coef1),
@@ -51,6 +55,7 @@ def sample_ancestral(model_fn: common.ModelFn,
   x_init = common.normal(init_key, shape, sharding)
 
   def step(x, c):
+    x = common.model_input(model_fn, x, y, c, rng, perturb_fn, sharding)
     eps, v = common.call_model(model_fn, x, c['t'], y, eps_scale)
     x0 = c['sqrt_recip_abar'] * x - c['sqrt_recipm1_abar'] * eps
     x0 = common.maybe_clip_x0(x0, clip_x0)
@@ -63,7 +68,7 @@ def sample_ancestral(model_fn: common.ModelFn,
     noise = common.step_noise(step_key, c['step'], shape, sharding)
     is_last = c['step'] == num_steps - 1
     x_next = jnp.where(is_last, mean, mean + jnp.exp(0.5 * log_var) * noise)
-    return common.constrain(x_next, sharding), None
+    return common.constrain(x_next, sharding), (x, eps) if return_trajectory else None
 
-  x0, _ = jax.lax.scan(step, x_init, per_step)
-  return x0
+  x0, seen = jax.lax.scan(step, x_init, per_step)
+  return common.trajectory_output(x0, seen, per_step)

@@ -7,7 +7,7 @@ fractional), `y` int32 labels (B,) or None. The output has C channels (eps) or 2
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,35 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+
+
+class StepContext(NamedTuple):
+  """What a perturb_fn knows of the step it acts on."""
+  step: jax.Array   # scan step (0 = the first model call)
+  t: jax.Array      # (B,) model time on the original scale
+  alpha: jax.Array  # sqrt(abar) of that time: x_t ~ N(alpha x0, sigma^2 I) in training
+  sigma: jax.Array  # sqrt(1 - abar)
+  key: jax.Array    # a key of this step's own, for the perturbation's randomness
+
+
+# perturb_fn(model_fn, x, y, ctx) -> x': replaces the sampler's state x before the model call
+# of step ctx.step. model_fn is the model the sampler calls (parameters bound), so an
+# adversary can attack it. For the robustness probe.
+PerturbFn = Callable[[ModelFn, jax.Array, jax.Array | None, StepContext], jax.Array]
+# Folded into a sampler's rng for perturbation keys; leaves the sampler's own noise as it is.
+_PERTURB_STREAM = 0x5EED
+
+
+class Trajectory(NamedTuple):
+  """What the model saw at each of a sampler's N steps, in the order they were taken.
+
+  x_t at step i is meant to follow q(x_t | x0) = N(alpha[i] x0, sigma[i]^2 I).
+  """
+  t: jax.Array      # (N,) model time on the original scale
+  alpha: jax.Array  # (N,) sqrt(abar) of that time
+  sigma: jax.Array  # (N,) sqrt(1 - abar)
+  x: jax.Array      # (N, B, H, W, C) the model's input (after any perturb_fn)
+  eps: jax.Array    # (N, B, H, W, C) the model's eps, after eps scaling
 
 
 def as_betas(betas) -> np.ndarray:
@@ -83,6 +112,34 @@ def call_model(model_fn: ModelFn, x: jax.Array, t: jax.Array, y: jax.Array | Non
   t_vec = jnp.full((x.shape[0],), t, dtype=jnp.float32)
   eps, v = split_model_output(model_fn(x, t_vec, y), x.shape[-1])
   return scale_eps(eps, eps_scale), v
+
+
+# A sampler returns x0, or (x0, Trajectory) with return_trajectory=True.
+SampleOutput = jax.Array | tuple[jax.Array, Trajectory]
+
+
+def trajectory_output(x0: jax.Array, seen: tuple[jax.Array, jax.Array] | None,
+                      per_step: dict[str, jax.Array]) -> SampleOutput:
+  """x0 alone, or with the Trajectory when the scan recorded (inputs, eps)."""
+  if seen is None:
+    return x0
+  return x0, Trajectory(t=per_step['t'], alpha=per_step['alpha'], sigma=per_step['sigma'],
+                        x=seen[0], eps=seen[1])
+
+
+def model_input(model_fn: ModelFn, x: jax.Array, y: jax.Array | None, c: dict[str, jax.Array],
+                rng: jax.Array, perturb_fn: PerturbFn | None,
+                sharding: NamedSharding | None) -> jax.Array:
+  """The state as the model sees it at step c['step']: x, or perturb_fn's replacement.
+
+  `c` is the scan's per-step slice (with 'step', 't', 'alpha', 'sigma'); `rng` the sampler's.
+  """
+  if perturb_fn is None:
+    return x
+  key = jax.random.fold_in(jax.random.fold_in(rng, _PERTURB_STREAM), c['step'])
+  ctx = StepContext(step=c['step'], t=jnp.full((x.shape[0],), c['t'], dtype=jnp.float32),
+                    alpha=c['alpha'], sigma=c['sigma'], key=key)
+  return constrain(perturb_fn(model_fn, x, y, ctx).astype(x.dtype), sharding)
 
 
 def constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:

@@ -32,7 +32,9 @@ def sample_ddim(model_fn: common.ModelFn,
                 clip_x0: bool = True,
                 eta: float = 0.0,
                 respacing: str | Sequence[int] | None = None,
-                sharding: NamedSharding | None = None) -> jax.Array:
+                sharding: NamedSharding | None = None,
+                perturb_fn: common.PerturbFn | None = None,
+                return_trajectory: bool = False) -> common.SampleOutput:
   """Draws x0 samples with DDIM; one model call per step, deterministic for eta = 0.
 
   As in ADM, eps is recomputed from the (possibly clipped) x0 prediction before the update
@@ -49,12 +51,14 @@ def sample_ddim(model_fn: common.ModelFn,
   abar_prev = process.alphas_cumprod_prev
   per_step = {
       't': common.reversed_f32(process.timestep_map.astype(np.float64)),
+      'alpha': common.reversed_f32(np.sqrt(process.alphas_cumprod)),
+      'sigma': common.reversed_f32(np.sqrt(1.0 - process.alphas_cumprod)),
       'sqrt_recip_abar': common.reversed_f32(process.sqrt_recip_alphas_cumprod),
       'sqrt_recipm1_abar': common.reversed_f32(process.sqrt_recipm1_alphas_cumprod),
       'recip_sqrt_recipm1_abar': common.reversed_f32(1.0 / process.sqrt_recipm1_alphas_cumprod),
       'sqrt_abar_prev': common.reversed_f32(np.sqrt(abar_prev)),
       'eps_coef': common.reversed_f32(np.sqrt(np.maximum(1.0 - abar_prev - sigmas**2, 0.0))),
-      'sigma': common.reversed_f32(sigmas),
+      'noise_std': common.reversed_f32(sigmas),
       'step': jnp.arange(num_steps, dtype=jnp.int32),
   }
   stochastic = eta > 0
@@ -62,6 +66,7 @@ def sample_ddim(model_fn: common.ModelFn,
   x_init = common.normal(init_key, shape, sharding)
 
   def step(x, c):
+    x = common.model_input(model_fn, x, y, c, rng, perturb_fn, sharding)
     eps, _ = common.call_model(model_fn, x, c['t'], y, eps_scale)
     x0 = c['sqrt_recip_abar'] * x - c['sqrt_recipm1_abar'] * eps
     x0 = common.maybe_clip_x0(x0, clip_x0)
@@ -71,8 +76,8 @@ def sample_ddim(model_fn: common.ModelFn,
     if stochastic:
       noise = common.step_noise(step_key, c['step'], shape, sharding)
       is_last = c['step'] == num_steps - 1
-      x_next = jnp.where(is_last, x_next, x_next + c['sigma'] * noise)
-    return common.constrain(x_next, sharding), None
+      x_next = jnp.where(is_last, x_next, x_next + c['noise_std'] * noise)
+    return common.constrain(x_next, sharding), (x, eps) if return_trajectory else None
 
-  x0, _ = jax.lax.scan(step, x_init, per_step)
-  return x0
+  x0, seen = jax.lax.scan(step, x_init, per_step)
+  return common.trajectory_output(x0, seen, per_step)

@@ -144,7 +144,9 @@ def sample_dpm_solver_pp(model_fn: common.ModelFn,
                          t_end: float | None = None,
                          lower_order_final: bool = True,
                          solver_type: str = 'dpmsolver',
-                         sharding: NamedSharding | None = None) -> jax.Array:
+                         sharding: NamedSharding | None = None,
+                         perturb_fn: common.PerturbFn | None = None,
+                         return_trajectory: bool = False) -> common.SampleOutput:
   """Draws x0 samples with multistep DPM-Solver++; NFE = num_steps.
 
   t_start defaults to 1.0 and t_end to 1/T (the reference solver's defaults for discrete
@@ -179,6 +181,7 @@ def sample_dpm_solver_pp(model_fn: common.ModelFn,
       'sigma': f32(sigmas[:-1]),
       'ratio': f32(ratios),
       'coefs': f32(coefs),
+      'step': jnp.arange(num_steps, dtype=jnp.int32),
   }
   init_key, _ = common.split_rng(rng)
   x_init = common.normal(init_key, shape, sharding)
@@ -189,6 +192,7 @@ def sample_dpm_solver_pp(model_fn: common.ModelFn,
 
   def step(carry, c):
     x, history = carry
+    x = common.model_input(model_fn, x, y, c, rng, perturb_fn, sharding)
     eps, _ = common.call_model(model_fn, x, c['t'], y, eps_scale)
     x0 = common.maybe_clip_x0((x - c['sigma'] * eps) / c['alpha'], clip_x0)
     # Newest prediction first; the oldest falls off.
@@ -197,7 +201,7 @@ def sample_dpm_solver_pp(model_fn: common.ModelFn,
     x_next = c['ratio'] * x
     for k in range(order):  # elementwise sums: no matmul, so no reduced-precision dot
       x_next = x_next + c['coefs'][k] * history[k]
-    return (common.constrain(x_next, sharding), history), None
+    return (common.constrain(x_next, sharding), history), (x, eps) if return_trajectory else None
 
-  (x0, _), _ = jax.lax.scan(step, (x_init, history), per_step)
-  return x0
+  (x0, _), seen = jax.lax.scan(step, (x_init, history), per_step)
+  return common.trajectory_output(x0, seen, per_step)
