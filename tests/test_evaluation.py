@@ -7,6 +7,7 @@ would cost most of this file's time budget.
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 from atdiff_jax import checkpoint
 from atdiff_jax import config as config_lib
 from atdiff_jax import evaluation
+from atdiff_jax.data.sources import ArraySource
 from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.train_step import make_mesh
@@ -264,8 +266,9 @@ def test_inception_metrics_use_cached_reference_stats_from_the_data(trained, run
     assert path == str(weights) and mesh is run.mesh
     def features(images):
       flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
-      return flat, flat @ projection
-    return evaluation.FeatureExtractor('fid', features, 64, inception_score=True)
+      return flat, flat @ projection, flat[:, :16] ** 2
+    return evaluation.FeatureExtractor('fid', features, 64, inception_score=True,
+                                       spatial_dim=16, max_manifold=500)
 
   monkeypatch.setattr(evaluation.metrics, 'inception_features', fake_inception)
   config = trained[1].copy_and_resolve_references()
@@ -275,10 +278,16 @@ def test_inception_metrics_use_cached_reference_stats_from_the_data(trained, run
   rows = evaluation.evaluate(inception_run, out_dir=str(tmp_path / 'eval'), verbose=False)
   stats_path = tmp_path / 'inception_fid_digits-8_stats.npz'
   assert sweep.inception_stats_path(str(weights), config.data) == str(stats_path)
-  assert evaluation.metrics.load_stats(str(stats_path)).num_images == 1797
+  reference = evaluation.metrics.load_reference(str(stats_path))
+  assert reference.num_images == 1797 and reference.mu_spatial.shape == (16,)
+  assert reference.features.shape == (500, 64)  # a random subset of the 1797 digits
+  assert (tmp_path / 'inception_fid_digits-8_stats_manifold.npz').is_file()
   (row,) = rows
-  assert {'fd_digits', 'fid', 'is', 'is_std'} <= set(row) and row['fid'] > 0
-  assert 1.0 <= row['is'] <= 12.0
+  assert {'fd_digits', 'fid', 'sfid', 'is', 'is_std', 'precision', 'recall'} <= set(row)
+  assert row['fid'] > 0 and row['sfid'] > 0 and 1.0 <= row['is'] <= 12.0
+  assert 0.0 <= row['precision'] <= 1.0 and 0.0 <= row['recall'] <= 1.0
+  with open(tmp_path / 'eval' / 'results.csv') as f:
+    assert 'fid,sfid,is,is_std,precision,recall,fd_digits' in f.readline()
   # A second run reads the cached statistics and finds the cell done.
   real_stats = evaluation.metrics.reference_stats
 
@@ -290,3 +299,67 @@ def test_inception_metrics_use_cached_reference_stats_from_the_data(trained, run
   monkeypatch.setattr(sweep, 'evaluate_cell', lambda *a: pytest.fail('cell recomputed'))
   assert evaluation.evaluate(inception_run, out_dir=str(tmp_path / 'eval'),
                              verbose=False) == rows
+
+
+def _stand_in_inception(max_manifold):
+  """pool3 stand-in: the scaled pixels; spatial stand-in: squares of the first 10."""
+  def fn(images):
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return flat, None, flat[:, :10] ** 2
+  return evaluation.FeatureExtractor('fid', fn, 64, spatial_dim=10, max_manifold=max_manifold)
+
+
+def _random_images(n, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+
+
+def test_metrics_of_a_set_against_itself():
+  images = _random_images(80)
+  extractor = _stand_in_inception(max_manifold=32)  # a random 32 of the 80
+  reference = evaluation.reference_stats(ArraySource(images), extractor, batch_size=16)
+  assert reference.num_images == 80 and reference.has_spatial
+  assert reference.features.shape == (32, 64)
+  result = evaluation.compute_metrics(images, reference, extractor, batch_size=24)
+  assert list(result) == evaluation.metrics.metric_names(extractor, reference) == [
+      'fid', 'sfid', 'precision', 'recall']
+  assert result['fid'] == pytest.approx(0.0, abs=1e-8)
+  assert result['sfid'] == pytest.approx(0.0, abs=1e-8)
+  # Same rows and seed, other batching: the same subset, so every point is its own twin.
+  assert result['precision'] == result['recall'] == 1.0
+  other = evaluation.compute_metrics(_random_images(80, seed=1), reference, extractor)
+  assert other['sfid'] > 0.01 and other['fid'] > 0.01
+
+
+def test_old_reference_files_are_upgraded_or_skip_the_new_metrics(tmp_path, caplog,
+                                                                  monkeypatch):
+  images = _random_images(80)
+  source, extractor = ArraySource(images), _stand_in_inception(max_manifold=32)
+  fid_only = evaluation.reference_stats(
+      source, dataclasses.replace(extractor, spatial_dim=0, max_manifold=0))
+  assert not fid_only.has_spatial and fid_only.features is None
+  # A cache written before sfid / precision / recall: recomputed once, with a warning.
+  path = str(tmp_path / 'inception_fid_digits-8_stats.npz')
+  evaluation.metrics.save_stats(path, fid_only.mu, fid_only.sigma, num_images=80)
+  with caplog.at_level(logging.WARNING, logger='atdiff_jax.evaluation.metrics'):
+    stats = evaluation.cached_reference_stats(path, source, extractor)
+  assert 'recomputing' in caplog.text
+  np.testing.assert_allclose(stats.mu, fid_only.mu, rtol=1e-12)
+  loaded = evaluation.metrics.load_reference(path)
+  assert loaded.has_spatial and loaded.num_images == 80
+  np.testing.assert_array_equal(loaded.features, stats.features)
+  monkeypatch.setattr(evaluation.metrics, 'reference_stats',
+                      lambda *a, **k: pytest.fail('complete cache recomputed'))
+  again = evaluation.cached_reference_stats(path, source, extractor)
+  np.testing.assert_array_equal(again.sigma_spatial, stats.sigma_spatial)
+
+  # A given stats file without them (e.g. pytorch-fid's): only fid, and a warning.
+  user = str(tmp_path / 'user_stats.npz')
+  np.savez(user, mu=fid_only.mu, sigma=fid_only.sigma)
+  reference = evaluation.metrics.load_reference(user)
+  assert evaluation.metrics.metric_names(extractor, reference) == ['fid']
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='atdiff_jax.evaluation.metrics'):
+    result = evaluation.compute_metrics(images, reference, extractor)
+  assert list(result) == ['fid'] and result['fid'] == pytest.approx(0.0, abs=1e-8)
+  assert 'sfid, precision, recall' in caplog.text
+

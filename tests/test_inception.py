@@ -53,18 +53,41 @@ def test_variable_tree_has_tf_graph_names_and_shapes():
 
 def test_random_network_features_sharded_finite_deterministic(random_vars):
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  # One compile of the whole network serves pool3, logits and the sFID features.
   fn = features.make_feature_fn(inception.InceptionV3(), random_vars,
-                                mesh=features.data_mesh(jax.devices()[:2]))
-  feats, logits = fn(images)
+                                mesh=features.data_mesh(jax.devices()[:2]), spatial=True)
+  feats, logits, spatial = fn(images)
   assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
-  assert np.isfinite(feats).all() and np.isfinite(logits).all()
-  assert (feats >= 0).all() and feats.std() > 0  # pooled ReLU outputs, not degenerate
-  assert np.abs(feats[0] - feats[1]).max() > 1e-3  # different images, different features
-  again, again_logits = fn(images)
-  np.testing.assert_array_equal(again, feats)
-  np.testing.assert_array_equal(again_logits, logits)
-  swapped, _ = fn(images[::-1])  # each image now on the other device
+  assert spatial.shape == (2, inception.SPATIAL_DIM) == (2, 17 * 17 * 7)
+  for out in (feats, logits, spatial):
+    assert np.isfinite(out).all()
+  for out in (feats, spatial):  # ReLU outputs (pooled or not), not degenerate
+    assert (out >= 0).all() and out.std() > 0
+    assert np.abs(out[0] - out[1]).max() > 1e-3  # different images, different features
+  again = fn(images)
+  for a, b in zip(again, (feats, logits, spatial), strict=True):
+    np.testing.assert_array_equal(a, b)
+  swapped, _, swapped_spatial = fn(images[::-1])  # each image now on the other device
   np.testing.assert_allclose(swapped, feats[::-1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(swapped_spatial, spatial[::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_spatial_features_are_mixed_6_conv_first_channels_nhwc():
+  # Shapes only (no compile): a plain apply is unchanged, the sown tensor is mixed_6/conv.
+  model, x = inception.InceptionV3(), jnp.zeros((2, 299, 299, 3))
+  variables = inception.abstract_variables()
+  plain = jax.eval_shape(model.apply, variables, x)
+  assert [o.shape for o in plain] == [(2, 2048), (2, 1008)]
+  _, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable='intermediates'),
+                            variables, x)
+  assert list(state['intermediates']) == [inception.SPATIAL_NAME]
+  (sown,) = state['intermediates'][inception.SPATIAL_NAME]
+  assert sown.shape == (2, 17, 17, 192)
+  # ADM flattens spatial[..., :7] of the NHWC tensor: index (h * 17 + w) * 7 + c.
+  fake = np.arange(2 * 17 * 17 * 192, dtype=np.float32).reshape(2, 17, 17, 192)
+  flat = np.asarray(inception.spatial_features({inception.SPATIAL_NAME: (fake,)}))
+  assert flat.shape == (2, 2023)
+  assert flat[1, (3 * 17 + 5) * 7 + 6] == fake[1, 3, 5, 6]
 
 
 class _MeanPixel(nn.Module):

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 KEY_FIELDS = ('step', 'weights', 'sampler', 'nfe', 'eps_scale', 'num_samples', 'seed',
               'sampler_options')
-METRICS = ('fid', 'is', 'is_std', 'fd_digits', 'fd_pixels')
+METRICS = ('fid', 'sfid', 'is', 'is_std', 'precision', 'recall', 'fd_digits', 'fd_pixels')
 PLOT_METRICS = ('fid', 'fd_digits', 'fd_pixels')  # first one present is plotted
 TIMING = ('seconds', 'images_per_s')
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD, PLOT_PNG = (
@@ -30,7 +30,7 @@ def row_key(row: Row) -> str:
   return json.dumps({k: row.get(k) for k in KEY_FIELDS}, sort_keys=True)
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
@@ -67,7 +67,7 @@ def to_csv(rows: Sequence[Row]) -> str:
   return buffer.getvalue()
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
   if value is None:
     return '-'
   if isinstance(value, float):
@@ -75,9 +75,9 @@ def _fmt(value: Any) -> str:
   return str(value)
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-  lines += ['| ' + ' | '.join(_fmt(v) for v in line) + ' |' for line in body]
+  lines += ['| ' + ' | '.join(format_value(v) for v in line) + ' |' for line in body]
   return lines
 
 
@@ -108,11 +108,11 @@ def to_markdown(rows: Sequence[Row], title: str = 'Evaluation') -> str:
         values = {r['nfe']: r.get(metric) for r in group
                   if (r['sampler'], r['eps_scale']) == (sampler, eps_scale)}
         body.append([sampler, eps_scale] + [values.get(n) for n in nfes])
-      lines += _table(['sampler', 'eps_scale'] + [f'NFE {n}' for n in nfes], body) + ['']
+      lines += markdown_table(['sampler', 'eps_scale'] + [f'NFE {n}' for n in nfes], body) + ['']
     metrics = _metric_columns(group)
     lines += ['All cells:', '']
     header = ['sampler', 'nfe', 'eps_scale'] + metrics + list(TIMING)
-    lines += _table(header, [[r.get(k) for k in header] for r in group]) + ['']
+    lines += markdown_table(header, [[r.get(k) for k in header] for r in group]) + ['']
   return '\n'.join(lines)
 
 
@@ -154,10 +154,10 @@ def write_reports(rows: Sequence[Row], out_dir: str, plot_rows: Sequence[Row] | 
   """Writes all four files; the plot shows `plot_rows` (default: the latest sweep)."""
   os.makedirs(out_dir, exist_ok=True)
   rows = _sorted(rows)
-  _atomic_write(os.path.join(out_dir, RESULTS_JSON),
-                json.dumps({**(meta or {}), 'rows': rows}, indent=2))
-  _atomic_write(os.path.join(out_dir, RESULTS_CSV), to_csv(rows))
-  _atomic_write(os.path.join(out_dir, RESULTS_MD), to_markdown(rows))
+  atomic_write(os.path.join(out_dir, RESULTS_JSON),
+               json.dumps({**(meta or {}), 'rows': rows}, indent=2))
+  atomic_write(os.path.join(out_dir, RESULTS_CSV), to_csv(rows))
+  atomic_write(os.path.join(out_dir, RESULTS_MD), to_markdown(rows))
   if plot_rows is None:
     plot_rows = list(_groups(rows).values())[-1] if rows else []
   if plot_rows:

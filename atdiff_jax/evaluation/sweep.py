@@ -4,9 +4,12 @@ Every cell draws `config.eval.num_samples` images with the same seed (common ran
 numbers: cells differ by their sampler settings, not by their noise) and scores them with
 every metric that applies (see `evaluation.metrics`):
 - `fd_digits` when the run's data are the embedded digits;
-- `fid` (and `is` when the weights have the classifier) when `config.eval.inception_weights`
-  is set, against `config.eval.ref_stats` or statistics of `config.data` computed once and
-  cached next to the weights file;
+- `fid`, `sfid`, `precision` and `recall` (and `is` when the weights have the classifier)
+  when `config.eval.inception_weights` is set, against `config.eval.ref_stats` or statistics
+  of `config.data` computed once and cached next to the weights file (with the reference
+  features for precision / recall in `<stats stem>_manifold.npz`). A cache written before
+  sfid / precision / recall existed is recomputed once; a `config.eval.ref_stats` file
+  without their data skips them, with a warning;
 - `fd_pixels` for other data of at most 32x32 pixels when there are no Inception weights.
 After each cell the results are rewritten (`evaluation.report`); a restart skips the cells
 already in results.json with every metric asked for.
@@ -30,7 +33,7 @@ from atdiff_jax.evaluation import metrics as metrics_lib
 from atdiff_jax.evaluation import report
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.generate import sample_batches
-from atdiff_jax.metrics.fid import ReferenceStats, load_stats
+from atdiff_jax.metrics.fid import ReferenceStats
 
 EVAL_DIR = 'eval'
 Metric = tuple[metrics_lib.FeatureExtractor, ReferenceStats]
@@ -88,7 +91,8 @@ def setup_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if ev.inception_weights:
     extractor = metrics_lib.inception_features(ev.inception_weights, mesh)
     if ev.ref_stats:
-      reference = load_stats(ev.ref_stats)
+      reference = metrics_lib.load_reference(ev.ref_stats)
+      metrics_lib.warn_missing(extractor, reference, ev.ref_stats)
     else:
       path = inception_stats_path(ev.inception_weights, data_config)
       if not os.path.isfile(path):
@@ -112,10 +116,8 @@ def setup_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def _metric_names(metrics: list[Metric]) -> list[str]:
-  names = []
-  for extractor, _ in metrics:
-    names += [extractor.name] + (['is', 'is_std'] if extractor.inception_score else [])
-  return names
+  return [name for extractor, reference in metrics
+          for name in metrics_lib.metric_names(extractor, reference)]
 
 
 def evaluate_cell(run: run_lib.Run, cell: Cell, metrics: list[Metric]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Sample-quality metrics: FID and Inception Score with the FID Inception network.
+"""Sample-quality metrics: FID, sFID, precision / recall and Inception Score.
 
-The Inception Score lives in `atdiff_jax.metrics.inception_score` (function
-`inception_score`); it is not re-exported here so that the function does not
-shadow its module.
+All use the FID Inception network. The Inception Score lives in
+`atdiff_jax.metrics.inception_score` (function `inception_score`) and precision /
+recall in `atdiff_jax.metrics.precision_recall` (function `precision_recall`);
+neither is re-exported here, so that the functions do not shadow their modules.
 """
 from atdiff_jax.metrics.features import (inception_outputs, load_feature_fn, make_feature_fn,
                                          preprocess, tf_bilinear_resize)

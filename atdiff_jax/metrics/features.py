@@ -17,6 +17,9 @@ reference FID numbers come from:
    slightly different features. The resize is two small interpolation matrices
    applied with einsum, and the identity at 299x299.
 3. Scale to the graph's range, (x - 128) / 128.
+
+With `spatial=True` the functions also return the sFID features (N, 2023):
+the first 7 channels of `mixed_6/conv`, flattened (`models.inception`).
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from atdiff_jax.models.inception import INCEPTION_SIZE, InceptionV3, load_inception
+from atdiff_jax.models.inception import (INCEPTION_SIZE, InceptionV3, load_inception,
+                                         spatial_features)
 
-FeatureFn = Callable[[np.ndarray | jax.Array], tuple[np.ndarray, np.ndarray | None]]
+# images -> (features, logits or None), plus the spatial features with spatial=True.
+FeatureFn = Callable[[np.ndarray | jax.Array], tuple[np.ndarray | None, ...]]
 
 
 def tf_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -75,9 +80,17 @@ def preprocess(images: jax.Array, quantize: bool = True) -> jax.Array:
 
 
 def inception_outputs(model: InceptionV3, variables: dict, images: jax.Array,
-                      quantize: bool = True) -> tuple[jax.Array, jax.Array | None]:
-  """Pure and jittable: images -> (pool3 features (N, 2048), logits (N, 1008) or None)."""
-  return model.apply(variables, preprocess(images, quantize))
+                      quantize: bool = True, spatial: bool = False
+                      ) -> tuple[jax.Array | None, ...]:
+  """Pure and jittable: images -> (pool3 features (N, 2048), logits (N, 1008) or None).
+
+  With `spatial`, a third output: the sFID features (N, 2023).
+  """
+  x = preprocess(images, quantize)
+  if not spatial:
+    return model.apply(variables, x)
+  (features, logits), state = model.apply(variables, x, mutable='intermediates')
+  return features, logits, spatial_features(state['intermediates'])
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:
@@ -88,8 +101,10 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def make_feature_fn(model: InceptionV3, variables: dict, mesh: jax.sharding.Mesh | None = None,
-                    quantize: bool = True) -> FeatureFn:
+                    quantize: bool = True, spatial: bool = False) -> FeatureFn:
   """A function images -> (features, logits or None) as float32 numpy arrays.
+
+  With `spatial`, it returns (features, logits or None, spatial features (N, 2023)).
 
   The batch is split over the mesh axis 'data' (data-parallel, weights
   replicated) and padded to a multiple of the mesh size; the padding is dropped
@@ -100,7 +115,7 @@ def make_feature_fn(model: InceptionV3, variables: dict, mesh: jax.sharding.Mesh
     raise ValueError(f"mesh needs an axis named 'data', has {mesh.axis_names}")
   batch_sharding = NamedSharding(mesh, P('data'))
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  apply = jax.jit(lambda v, x: inception_outputs(model, v, x, quantize),
+  apply = jax.jit(lambda v, x: inception_outputs(model, v, x, quantize, spatial),
                   in_shardings=(NamedSharding(mesh, P()), batch_sharding),
                   out_shardings=batch_sharding)
   shards = mesh.shape['data']
@@ -114,15 +129,14 @@ def make_feature_fn(model: InceptionV3, variables: dict, mesh: jax.sharding.Mesh
       xp = jnp if isinstance(images, jax.Array) else np
       images = xp.concatenate([images, xp.repeat(images[-1:], pad, axis=0)], axis=0)
     # An explicit reshard: jit refuses committed arrays laid out differently.
-    feats, logits = apply(variables, jax.device_put(images, batch_sharding))
-    feats = np.asarray(feats)[:n]
-    return feats, (None if logits is None else np.asarray(logits)[:n])
+    outputs = apply(variables, jax.device_put(images, batch_sharding))
+    return tuple(None if out is None else np.asarray(out)[:n] for out in outputs)
 
   return features
 
 
 def load_feature_fn(weights_path: str, mesh: jax.sharding.Mesh | None = None,
-                    quantize: bool = True) -> FeatureFn:
+                    quantize: bool = True, spatial: bool = False) -> FeatureFn:
   """`make_feature_fn` for the network in a weights file (see models.inception)."""
   model, variables = load_inception(weights_path)
-  return make_feature_fn(model, variables, mesh, quantize)
+  return make_feature_fn(model, variables, mesh, quantize, spatial)

@@ -7,9 +7,11 @@ PSD matrix A S2 A, so tr((S1 S2)^(1/2)) = sum sqrt(eig(A S2 A)). This stays
 real and needs no iteration, unlike a general `sqrtm`, and tiny negative
 eigenvalues from rounding are clipped to 0.
 
-Reference stats are `.npz` files with `mu`, `sigma` and `meta_<name>` scalars
-(e.g. `meta_num_images`); files with just `mu` and `sigma` (pytorch-fid, the
-ADM reference batches) load too.
+Reference stats are `.npz` files with `mu`, `sigma`, optionally `mu_s` and
+`sigma_s` (the sFID statistics of the spatial features, named as in the ADM
+reference batches) and `meta_<name>` scalars (e.g. `meta_num_images`); files
+with just `mu` and `sigma` (pytorch-fid, older files of this module) load too,
+without spatial statistics.
 """
 from __future__ import annotations
 
@@ -90,30 +92,57 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceStats:
-  """Feature statistics of a reference set, with whatever was recorded about it."""
+  """Feature statistics of a reference set, with whatever was recorded about it.
+
+  `mu_spatial` / `sigma_spatial` (sFID) and `features` (a random subset of the
+  reference features, for precision / recall; see `metrics.precision_recall`)
+  are None when unknown.
+  """
   mu: np.ndarray
   sigma: np.ndarray
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  mu_spatial: np.ndarray | None = None
+  sigma_spatial: np.ndarray | None = None
+  features: np.ndarray | None = None
 
   @property
   def num_images(self) -> int | None:
     n = self.metadata.get('num_images')
     return None if n is None else int(n)
 
+  @property
+  def has_spatial(self) -> bool:
+    return self.mu_spatial is not None and self.sigma_spatial is not None
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **metadata: Any) -> None:
-  """Writes `mu`, `sigma` (float64) and scalar metadata (e.g. num_images=50000) as .npz."""
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *,
+               mu_spatial: np.ndarray | None = None, sigma_spatial: np.ndarray | None = None,
+               **metadata: Any) -> None:
+  """Writes `mu`, `sigma` and scalar metadata (e.g. num_images=50000) as .npz.
+
+  The spatial statistics, when given, are stored as `mu_s`, `sigma_s`; all arrays
+  in float64.
+  """
   for key, value in metadata.items():
     if np.ndim(value) != 0:
       raise ValueError(f'metadata {key!r} must be a scalar or string, got {value!r}')
+  if (mu_spatial is None) != (sigma_spatial is None):
+    raise ValueError('give both mu_spatial and sigma_spatial, or neither')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {f'meta_{k}': np.asarray(v) for k, v in metadata.items()}
+  if mu_spatial is not None:
+    arrays['mu_s'] = np.asarray(mu_spatial, np.float64)
+    arrays['sigma_s'] = np.asarray(sigma_spatial, np.float64)
   with open(path, 'wb') as f:  # a file object keeps np.savez from appending '.npz'
     np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **arrays)
 
 
 def load_stats(path: str) -> ReferenceStats:
-  """Reads a stats .npz (this module's, pytorch-fid's or ADM's reference batches)."""
+  """Reads a stats .npz (this module's, pytorch-fid's or ADM's reference batches).
+
+  Spatial statistics are read when the file has both `mu_s` and `sigma_s`; the
+  `features` of the result are None (they live in their own file).
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'FID reference statistics not found at {path!r}')
   with np.load(path, allow_pickle=False) as data:
@@ -121,5 +150,9 @@ def load_stats(path: str) -> ReferenceStats:
       raise ValueError(f'{path!r} has no mu / sigma arrays (keys: {data.files[:10]})')
     metadata = {k.removeprefix('meta_'): data[k].item() for k in data.files
                 if k.startswith('meta_')}
+    spatial = {}
+    if 'mu_s' in data.files and 'sigma_s' in data.files:
+      spatial = {'mu_spatial': np.asarray(data['mu_s'], np.float64),
+                 'sigma_spatial': np.asarray(data['sigma_s'], np.float64)}
     return ReferenceStats(np.asarray(data['mu'], np.float64),
-                          np.asarray(data['sigma'], np.float64), metadata)
+                          np.asarray(data['sigma'], np.float64), metadata, **spatial)

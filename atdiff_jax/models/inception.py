@@ -12,6 +12,12 @@ Inception-v3 in ways that change the numbers, so all of them are kept:
   average pool;
 - the classifier has 1008 outputs.
 
+The spatial features of sFID (Nash et al. 2021; the ADM evaluator), the TF
+tensor `mixed_6/conv:0` (the ReLU output of block `mixed_6`'s 1x1 branch,
+17x17x192 at 299x299), are sown into the `intermediates` collection as
+`mixed_6_conv`: `apply(..., mutable='intermediates')` returns them, a plain
+`apply` returns (features, logits) as ever.
+
 Submodules carry the TF graph's names (`conv`, `mixed_4/tower_1/conv_3`,
 `mixed_10/tower_2_conv`, ...); `atdiff_jax.tools.convert_inception` maps the
 PyTorch ports onto them. Input: NHWC float images of 299x299 (any size from
@@ -38,6 +44,10 @@ FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 BN_EPSILON = 1e-3
 WEIGHTS_FORMAT = 'atdiff-fid-inception-v3/1'
+# sFID features: TF tensor 'mixed_6/conv:0', its first 7 channels, flattened (as ADM).
+SPATIAL_NAME = 'mixed_6_conv'
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023 at 299x299
 
 # Features must not silently lose precision on accelerators (TF32 / bf16 passes).
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -217,6 +227,9 @@ class Logits(nn.Module):
 class InceptionV3(nn.Module):
   """FID Inception-v3: NHWC images in the TF range -> (pool3 features, logits).
 
+  Sows `mixed_6/conv` (N, 17, 17, 192) as ('intermediates', SPATIAL_NAME); see
+  `spatial_features`.
+
   Attributes:
     include_logits: build the 1008-way classifier (needed for the Inception
       Score; the `fid_helper` weights do not have it).
@@ -246,7 +259,11 @@ class InceptionV3(nn.Module):
     x = BlockA(64, p, name='mixed_2')(x)
     x = BlockB(p, name='mixed_3')(x)
     for i, c7 in enumerate((128, 160, 160, 192)):
-      x = BlockC(c7, p, name=f'mixed_{4 + i}')(x)
+      name = f'mixed_{4 + i}'
+      x = BlockC(c7, p, name=name)(x)
+      if name == 'mixed_6':
+        # BlockC concatenates its 1x1 `conv` branch first: these channels are mixed_6/conv.
+        self.sow('intermediates', SPATIAL_NAME, x[..., :192])
     x = BlockD(p, name='mixed_8')(x)
     x = BlockE(max_pool=False, precision=p, name='mixed_9')(x)
     x = BlockE(max_pool=True, precision=p, name='mixed_10')(x)
@@ -254,6 +271,16 @@ class InceptionV3(nn.Module):
     features = jnp.mean(x, axis=(1, 2))
     logits = Logits(self.logits_bias, p, name='logits')(features) if self.include_logits else None
     return features, logits
+
+
+def spatial_features(intermediates: dict) -> jax.Array:
+  """sFID features (N, SPATIAL_DIM) from the `intermediates` an apply returned.
+
+  The first SPATIAL_CHANNELS channels of mixed_6/conv, flattened in NHWC order as
+  the ADM evaluator does (`spatial[..., :7].reshape(N, -1)`).
+  """
+  x = intermediates[SPATIAL_NAME][0]
+  return x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
 
 
 def abstract_variables(include_logits: bool = True) -> dict:
