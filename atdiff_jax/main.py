@@ -5,6 +5,8 @@
           (default RUN/samples/<sampler>_nfe<N>_es<lambda>/), resumable.
   eval:   the sweep config.eval.samplers x nfes x eps_scales into RUN/eval/ (results.json,
           .csv, .md, fid_vs_nfe.png), resumable.
+  probe:  the mismatch and robustness probes (config.probe) of the config.eval.sampler
+          setting into RUN/probe/.
 
 For sample and eval, the model always comes from RUN/config.json (what the checkpoint was
 trained with). Without --config, the eval settings stored there are used. To change them,
@@ -23,10 +25,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file; required for train, optional for sample and eval.',
+    'config', None, 'Config file; required for train, optional for the other modes.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'probe'], 'What to do.')
 # Multi-host (config.training.multi_host): on TPU pods, SLURM and Open MPI JAX finds these
 # itself; elsewhere give them (the coordinator also reads JAX_COORDINATOR_ADDRESS).
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
@@ -59,7 +61,8 @@ def main(argv):
       train.train(config, _WORKDIR.value)
     else:
       from atdiff_jax import evaluation
-      entry = evaluation.sample_mode if _MODE.value == 'sample' else evaluation.eval_mode
+      entry = {'sample': evaluation.sample_mode, 'eval': evaluation.eval_mode,
+               'probe': evaluation.probe_mode}[_MODE.value]
       entry(_WORKDIR.value, config)
   except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -102,4 +102,14 @@ def get_config() -> ml_collections.ConfigDict:
   ev.sampler_options.dpm_solver_pp = ml_collections.ConfigDict(
       {'order': 2, 'skip_type': 'logSNR', 't_start': 0.992, 'clip_x0': False,
        'lower_order_final': True})
+
+  # --mode=probe: the mismatch and robustness probes of the eval.sampler setting, in RUN/probe/.
+  config.probe = probe = ml_collections.ConfigDict()
+  probe.run = ('mismatch', 'robustness')
+  probe.num_samples = 512        # samples (and real images) per measurement
+  probe.norm = 'l2'              # l2 | linf: the attack's ball
+  probe.radii = (0.1,)           # per pixel, as adv.radius with radius_scale per_dim
+  probe.attack_steps = 3         # PGD steps, step size 2.5 * radius / steps
+  probe.attack_at = ('all', -1)  # sampler steps whose x_t is attacked: 'all' or an index
+  probe.num_timesteps = 10       # evenly spaced t of the denoising-error curve
   return config

@@ -4,6 +4,7 @@ One module-scoped workdir holds a tiny model's checkpoint, written the way train
 it (Checkpointer + config.json) but without running training steps, whose compilation
 would cost most of this file's time budget.
 """
+import copy
 import dataclasses
 import importlib
 import json
@@ -363,3 +364,37 @@ def test_old_reference_files_are_upgraded_or_skip_the_new_metrics(tmp_path, capl
   assert list(result) == ['fid'] and result['fid'] == pytest.approx(0.0, abs=1e-8)
   assert 'sfid, precision, recall' in caplog.text
 
+
+def test_probe_mode_writes_every_table(trained):
+  workdir, config, _ = trained
+  config = copy.deepcopy(config)
+  probe = config.probe
+  probe.num_samples, probe.radii, probe.attack_steps = BATCH, (0.1,), 1
+  probe.attack_at, probe.num_timesteps = ('all',), 2
+  bad = copy.deepcopy(config)
+  bad.probe.attack_at = (NFE,)
+  with pytest.raises(config_lib.ConfigError, match=r'config\.probe\.attack_at'):
+    evaluation.probe_mode(workdir, bad)
+
+  evaluation.probe_mode(workdir, config)
+  probe_dir = os.path.join(workdir, 'probe')
+  stem = os.path.join(probe_dir, f'mismatch_dpm_solver++_nfe{NFE}')
+  for path in [f'{stem}.{ext}' for ext in ('json', 'csv', 'md', 'png')] + [
+      os.path.join(probe_dir, f'robust_{name}.{ext}')
+      for name in ('denoising', 'sampling') for ext in ('json', 'csv', 'md')]:
+    assert os.path.isfile(path), path
+
+  def rows(path):
+    with open(path) as f:
+      return json.load(f)['rows']
+
+  steps = rows(f'{stem}.json')
+  assert [r['step'] for r in steps] == list(range(NFE))
+  assert all(np.isfinite(r['err_sampler']) and r['err_q'] > 0 for r in steps)
+  denoising = rows(os.path.join(probe_dir, 'robust_denoising.json'))
+  assert [r['t'] for r in denoising] == [0, config.diffusion.num_timesteps - 1]
+  assert all(r['adversarial'] >= r['clean'] for r in denoising)
+  sampled = rows(os.path.join(probe_dir, 'robust_sampling.json'))
+  assert [(r['radius'], r['at']) for r in sampled] == [(0.0, 'none'), (0.1, 'all')]
+  assert all(np.isfinite(r['fd_digits']) for r in sampled)
+  assert sampled[0]['fd_digits'] != sampled[1]['fd_digits']

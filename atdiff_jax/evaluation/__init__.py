@@ -21,6 +21,11 @@ Frechet distance in a small digits classifier's features; it is NOT the Inceptio
   real = evaluation.reference_stats(load_digits_source(), digits)
   print(evaluation.compute_metrics(images, real, digits))          # {'fd_digits': ...}
 
+The probes (also `--mode=probe`): `evaluation.measure_mismatch(run, 'ddim', nfe=10)` compares the
+model's eps-error on a sampler's own x_t with its error on x_t ~ q(x_t | x0), step by
+step; `denoising_robustness` and `sampling_robustness` measure it under worst-case
+perturbations of x_t.
+
 `run.sample_fn(...)` gives the underlying jitted `sample(rng, labels=None)` for one
 batch; `evaluation.evaluate(run)` runs the sweep of `run.config.eval` into RUN/eval/.
 FID from 1k samples is biased upwards: compare numbers only at equal sample counts
@@ -34,15 +39,22 @@ from atdiff_jax.evaluation.metrics import (FeatureExtractor, MetricAccumulator,
                                            cached_reference_stats, compute_metrics,
                                            digits_features, inception_features,
                                            pixel_features, reference_stats)
+from atdiff_jax.evaluation.mismatch import MismatchResult, make_mismatch_fn, measure_mismatch
+from atdiff_jax.evaluation.probe import (denoising_robustness, probe_mode,
+                                         sampling_robustness)
 from atdiff_jax.evaluation.report import write_reports
+from atdiff_jax.evaluation.robustness import (attack_ball, make_denoising_fn,
+                                              make_sampling_attack)
 from atdiff_jax.evaluation.run import (Run, load_run, open_run, resolve_config,
                                        validate_eval)
 from atdiff_jax.evaluation.sweep import Cell, eval_mode, evaluate, setup_metrics, sweep_cells
 
 __all__ = [
-    'Cell', 'FeatureExtractor', 'MetricAccumulator', 'Run', 'cached_reference_stats',
-    'compute_metrics', 'default_out_dir', 'digits_features', 'eval_mode', 'evaluate',
-    'generate', 'inception_features', 'load_run', 'load_samples', 'open_run',
-    'pixel_features', 'reference_stats', 'resolve_config', 'sample_batches', 'sample_mode',
+    'Cell', 'FeatureExtractor', 'MetricAccumulator', 'MismatchResult', 'Run', 'attack_ball',
+    'cached_reference_stats', 'compute_metrics', 'default_out_dir', 'denoising_robustness',
+    'digits_features', 'eval_mode', 'evaluate', 'generate', 'inception_features', 'load_run',
+    'load_samples', 'make_denoising_fn', 'make_mismatch_fn', 'make_sampling_attack',
+    'measure_mismatch', 'open_run', 'pixel_features', 'probe_mode', 'reference_stats',
+    'resolve_config', 'sample_batches', 'sample_mode', 'sampling_robustness',
     'setup_metrics', 'sweep_cells', 'validate_eval', 'write_reports',
 ]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -56,6 +57,16 @@ class Run:
       return 'params'
     return f'ema{self.config.training.ema_rates[self.ema_index]}'
 
+  @property
+  def betas(self) -> np.ndarray:
+    """The diffusion's beta schedule (float64), as the samplers take it."""
+    return get_beta_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+
+  def model_fn(self) -> Callable[..., jax.Array]:
+    """`model_fn(x, t, y, params) -> output` for the samplers (params passed, not baked in)."""
+    apply = make_apply_fn(self.model)
+    return lambda x, t, y, params: apply(params, x, t, y)
+
   def sample_fn(self, sampler: str = 'dpm_solver++', nfe: int = 10, eps_scale: float = 1.0,
                 batch_size: int | None = None, **opts: Any) -> SampleFn:
     """A jitted `sample(rng, labels=None) -> images` in [-1, 1], (batch, H, W, C).
@@ -79,11 +90,8 @@ class Run:
       raise ValueError(f'eps_scale must be > 0, got {eps_scale}')
     size, channels = config.data.image_size, config.data.channels
     shape = (batch_size, size, size, channels)
-    betas = get_beta_schedule(config.diffusion.schedule, num_timesteps)
-    apply = make_apply_fn(self.model)
-    sample = samplers.make_sample_fn(
-        lambda x, t, y, params: apply(params, x, t, y), sampler, betas, int(nfe), shape,
-        self.mesh, eps_scale=float(eps_scale), **opts)
+    sample = samplers.make_sample_fn(self.model_fn(), sampler, self.betas, int(nfe), shape,
+                                     self.mesh, eps_scale=float(eps_scale), **opts)
     num_classes = int(config.model.num_classes)
     default_labels = (jnp.arange(batch_size, dtype=jnp.int32) % num_classes
                       if num_classes else None)
@@ -188,9 +196,9 @@ def resolve_config(workdir: str, override: ml_collections.ConfigDict | None = No
 
   The run's `config.json` always gives the model, the diffusion and the training block
   (the checkpoint's shape). With `override` (the `--config` of the command line, usually
-  the run's own config file plus `--config.eval.*` flags), its `eval` and `data` blocks
-  and `model.dtype` are used instead; it must describe the same model, or this raises
-  ConfigError. Without it, the eval block stored in `config.json` is used as is.
+  the run's own config file plus `--config.eval.*` flags), its `eval`, `data` and `probe`
+  blocks and `model.dtype` are used instead; it must describe the same model, or this
+  raises ConfigError. Without it, the blocks stored in `config.json` are used as they are.
   """
   config = checkpoint.load_config(workdir)
   if override is None:
@@ -213,6 +221,8 @@ def resolve_config(workdir: str, override: ml_collections.ConfigDict | None = No
         'the run was trained with')
   config.eval = ml_collections.ConfigDict(override.eval.to_dict())
   config.data = ml_collections.ConfigDict(override.data.to_dict())
+  if 'probe' in override:
+    config.probe = ml_collections.ConfigDict(override.probe.to_dict())
   config.model.dtype = override.model.dtype
   return config
 

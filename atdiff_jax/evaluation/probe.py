@@ -1,0 +1,294 @@
+"""`--mode=probe`: the mismatch and robustness probes of one checkpoint, into RUN/probe/.
+
+Settings: the sampler of `config.eval` (sampler, nfe, eps_scale, sampler_options) and the
+`config.probe` block. Files (each as .json, .csv and .md, plus a PNG where it helps):
+- mismatch_<sampler>_nfe<N>: per sampler step, the eps-error on the sampler's x_t and on
+  q(x_t | x0), their gap, and the eps mean squares (see `evaluation.mismatch`);
+- robust_denoising: per t and radius, the eps-error at x_t ~ q, clean and under attack;
+- robust_sampling: the eval metrics of samples whose x_t was attacked at the given steps
+  (radius 0: the clean baseline, with the same seed).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from atdiff_jax import config as config_lib
+from atdiff_jax import data
+from atdiff_jax.evaluation import metrics as metrics_lib
+from atdiff_jax.evaluation import mismatch as mismatch_lib
+from atdiff_jax.evaluation import report
+from atdiff_jax.evaluation import robustness
+from atdiff_jax.evaluation import run as run_lib
+from atdiff_jax.evaluation.generate import sample_batches
+from atdiff_jax.evaluation.sweep import Metric, setup_metrics
+
+PROBE_DIR = 'probe'
+PROBES = ('mismatch', 'robustness')
+Row = dict[str, Any]
+
+
+def validate_probe(config: ml_collections.ConfigDict, nfe: int) -> None:
+  """Checks `config.probe` before anything compiles."""
+  if 'probe' not in config:
+    raise config_lib.ConfigError('config.probe is missing (a run trained before it existed): '
+                                 'pass --config=<the config file the run was trained with>')
+  probe = config.probe
+
+  def fail(field, why):
+    raise config_lib.ConfigError(f'config.probe.{field}={probe[field]!r}: {why}')
+
+  if not tuple(probe.run) or set(probe.run) - set(PROBES):
+    fail('run', f'must name some of {", ".join(PROBES)}')
+  for field in ('num_samples', 'attack_steps', 'num_timesteps'):
+    value = probe[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      fail(field, 'must be a positive integer')
+  if probe.norm not in ('l2', 'linf'):
+    fail('norm', "must be 'l2' or 'linf'")
+  radii = tuple(probe.radii)
+  if not radii or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0
+                      for r in radii):
+    fail('radii', 'must be one or more numbers > 0 (per-pixel units, as config.adv.radius)')
+  if not tuple(probe.attack_at):
+    fail('attack_at', "must name 'all' and/or sampler step indices")
+  for at in probe.attack_at:
+    try:
+      robustness.resolve_steps(at, nfe)
+    except ValueError as e:
+      fail('attack_at', str(e))
+  if probe.num_timesteps > config.diffusion.num_timesteps:
+    fail('num_timesteps', f'exceeds diffusion.num_timesteps={config.diffusion.num_timesteps}')
+
+
+# ------------------------------------------------------------------ the measurements
+
+
+def denoising_robustness(run: run_lib.Run, images: np.ndarray, norm: str,
+                         radii: Sequence[float], steps: int, timesteps: Sequence[int],
+                         batch_size: int, seed: int = 0, labels: np.ndarray | None = None
+                         ) -> list[Row]:
+  """Rows (radius, t, clean, adversarial, ratio) of eps-MSEs on uint8 `images` (whole
+  batches only; the remainder is dropped)."""
+  config = run.config
+  image_shape = images.shape[1:]
+  num_batches = len(images) // batch_size
+  if num_batches < 1:
+    raise ValueError(f'need at least one batch of {batch_size} images, got {len(images)}')
+  rows = []
+  for radius in radii:
+    ball = robustness.attack_ball(norm, radius, steps, image_shape)
+    fn = robustness.make_denoising_fn(run.model_fn(), run.betas, timesteps, ball, steps,
+                                      run.mesh)
+    totals = None
+    for b in range(num_batches):
+      batch = slice(b * batch_size, (b + 1) * batch_size)
+      x0 = images[batch].astype(np.float32) / 127.5 - 1.0
+      y = None if not config.model.num_classes else labels[batch].astype(np.int32)
+      out = jax.device_get(fn(jax.random.fold_in(jax.random.key(seed), b), x0, y, run.params))
+      totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
+    count = num_batches * batch_size
+    for i, t in enumerate(timesteps):
+      clean, adv = float(totals['clean'][i]) / count, float(totals['adversarial'][i]) / count
+      rows.append({'norm': norm, 'radius': float(radius), 't': int(t), 'clean': clean,
+                   'adversarial': adv, 'ratio': adv / max(clean, 1e-12),
+                   'num_images': count})
+  return rows
+
+
+def sampling_robustness(run: run_lib.Run, metrics: list[Metric], sampler: str, nfe: int,
+                        eps_scale: float, norm: str, radii: Sequence[float],
+                        attack_at: Sequence[str | int], steps: int, num_samples: int,
+                        batch_size: int, seed: int = 0, progress=None,
+                        **opts: Any) -> list[Row]:
+  """Rows (radius, at, metrics...) of samples attacked at `attack_at`; radius 0 first."""
+  config = run.config
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  settings = [(0.0, 'none')] + [(float(r), at) for r in radii for at in attack_at]
+  rows = []
+  for radius, at in settings:
+    perturb = {}
+    if radius > 0:
+      ball = robustness.attack_ball(norm, radius, steps, image_shape)
+      perturb['perturb_fn'] = robustness.make_sampling_attack(
+          ball, steps, robustness.resolve_steps(at, nfe))
+    accumulators = [metrics_lib.MetricAccumulator(extractor) for extractor, _ in metrics]
+    start = time.perf_counter()
+    for _, images, _ in sample_batches(run, num_samples, sampler=sampler, nfe=nfe,
+                                       eps_scale=eps_scale, batch_size=batch_size, seed=seed,
+                                       **opts, **perturb):
+      for accumulator in accumulators:
+        accumulator.update(images)
+    row = {'sampler': sampler, 'nfe': nfe, 'eps_scale': eps_scale, 'norm': norm,
+           'radius': radius, 'at': str(at), 'num_samples': num_samples}
+    for accumulator, (_, reference) in zip(accumulators, metrics):
+      row.update(accumulator.result(reference))
+    row['seconds'] = round(time.perf_counter() - start, 3)
+    rows.append(row)
+    if progress is not None:
+      progress(row)
+  return rows
+
+
+def evenly_spaced_timesteps(num_timesteps: int, count: int) -> list[int]:
+  """`count` timesteps from 0 to T-1, evenly spaced (rounded)."""
+  return sorted({int(round(t)) for t in np.linspace(0, num_timesteps - 1, count)})
+
+
+# ------------------------------------------------------------------ reports
+
+
+def write_table(rows: Sequence[Row], path_stem: str, title: str, meta: dict[str, Any]) -> None:
+  """`rows` as <stem>.json (with `meta`), .csv and .md."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  report.atomic_write(f'{path_stem}.json', json.dumps({**meta, 'rows': list(rows)}, indent=2))
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  report.atomic_write(f'{path_stem}.csv', out.getvalue())
+  settings = ', '.join(f'{k} {v}' for k, v in meta.items() if not isinstance(v, dict))
+  lines = [f'# {title}', '', settings, '']
+  lines += report.markdown_table(columns, [[row.get(c) for c in columns] for row in rows])
+  report.atomic_write(f'{path_stem}.md', '\n'.join(lines) + '\n')
+
+
+def _figure(num_axes: int):
+  try:
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  figure = Figure(figsize=(5.2 * num_axes, 4.0), dpi=110)
+  return figure, [figure.add_subplot(1, num_axes, i + 1) for i in range(num_axes)]
+
+
+def _save(figure, path: str) -> None:
+  figure.tight_layout()
+  tmp = f'{path}.tmp.png'
+  figure.savefig(tmp)
+  os.replace(tmp, path)
+
+
+def plot_mismatch(result: mismatch_lib.MismatchResult, path: str) -> bool:
+  """Left: eps-error on the sampler's x_t and on q's, per step. Right: eps mean squares."""
+  made = _figure(2)
+  if made is None:
+    return False
+  figure, (left, right) = made
+  steps = np.arange(result.nfe)
+  v = result.values
+  left.plot(steps, v['err_sampler'], marker='o', label="sampler's x_t")
+  left.plot(steps, v['err_q'], marker='s', label='x_t ~ q(x_t | x0)')
+  left.set_yscale('log')
+  left.set_ylabel('eps mean squared error')
+  left.set_title('eps-error per sampler step')
+  right.plot(steps, v['eps_ms_sampler'], marker='o', label="sampler's x_t")
+  right.plot(steps, v['eps_ms_q'], marker='s', label='x_t ~ q(x_t | x0)')
+  right.set_ylabel('mean square of predicted eps')
+  right.set_title('eps norm (exposure bias: sampler above q)')
+  for axes in (left, right):
+    axes.set_xlabel('sampler step (t from high to low)')
+    axes.set_xticks(steps, [f'{t:.0f}' if i % max(1, result.nfe // 10) == 0 else ''
+                            for i, t in enumerate(result.t)])
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+  figure.suptitle(f'{result.sampler}, NFE {result.nfe}, λ={result.eps_scale:g}, '
+                  f'{result.num_samples} samples (tick labels: t)')
+  _save(figure, path)
+  return True
+
+
+def plot_denoising(rows: Sequence[Row], path: str) -> bool:
+  """eps-error against t: clean, and per radius under attack."""
+  made = _figure(1)
+  if made is None:
+    return False
+  figure, (axes,) = made
+  first_radius = rows[0]['radius']
+  clean = [(r['t'], r['clean']) for r in rows if r['radius'] == first_radius]
+  axes.plot(*zip(*clean), marker='s', color='black', label='clean')
+  for radius in dict.fromkeys(r['radius'] for r in rows):
+    points = [(r['t'], r['adversarial']) for r in rows if r['radius'] == radius]
+    axes.plot(*zip(*points), marker='o', label=f'attacked, {rows[0]["norm"]} radius {radius:g}')
+  axes.set_yscale('log')
+  axes.set_xlabel('t')
+  axes.set_ylabel('eps mean squared error')
+  axes.set_title(f'denoising error under attack ({rows[0]["num_images"]} images)')
+  axes.grid(True, alpha=0.3)
+  axes.legend()
+  _save(figure, path)
+  return True
+
+
+# ------------------------------------------------------------------ the command
+
+
+def probe_mode(workdir: str, override: ml_collections.ConfigDict | None = None) -> None:
+  """`--mode=probe`: every probe of `config.probe.run` on one checkpoint, into RUN/probe/."""
+  run = run_lib.open_run(workdir, override, 'sample')
+  config, ev, probe = run.config, run.config.eval, run.config.probe
+  validate_probe(config, int(ev.nfe))
+  out_dir = os.path.join(run.workdir, PROBE_DIR)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(out_dir, exist_ok=True)
+  say = (lambda msg: print(f'probe: {msg}', flush=True)) if is_main else (lambda msg: None)
+  sampler, nfe, eps_scale = ev.sampler, int(ev.nfe), float(ev.eps_scale)
+  opts = run_lib.sampler_options(ev, sampler)
+  batch_size, num_samples, seed = int(ev.batch_size), int(probe.num_samples), int(ev.seed)
+  meta = {'workdir': run.workdir, 'step': run.step, 'weights': run.weights_name,
+          'sampler': sampler, 'nfe': nfe, 'eps_scale': eps_scale, 'sampler_options': opts}
+  say(f'step {run.step} ({run.weights_name}), {sampler} NFE {nfe} λ={eps_scale:g} -> {out_dir}')
+
+  if 'mismatch' in probe.run:
+    result = mismatch_lib.measure_mismatch(
+        run, sampler, nfe, num_samples, eps_scale, batch_size, seed,
+        progress=lambda b, n: say(f'mismatch: batch {b}/{n}'), **opts)
+    stem = os.path.join(out_dir, f'mismatch_{sampler}_nfe{nfe}')
+    if is_main:
+      write_table(result.rows(), stem, 'Mismatch probe',
+                  meta | {'num_samples': result.num_samples})
+      plot_mismatch(result, f'{stem}.png')
+    say(f'mismatch: wrote {stem}.md')
+
+  if 'robustness' in probe.run:
+    norm, radii, steps = probe.norm, tuple(probe.radii), int(probe.attack_steps)
+    source = data.create_source(config.data)
+    count = min(len(source), max(batch_size, num_samples // batch_size * batch_size))
+    indices = np.random.default_rng(seed).permutation(len(source))[:count]
+    images, labels = source.get(np.sort(indices))
+    timesteps = evenly_spaced_timesteps(config.diffusion.num_timesteps,
+                                        int(probe.num_timesteps))
+    say(f'robustness: denoising error at {len(timesteps)} timesteps, {count} images')
+    rows = denoising_robustness(run, images, norm, radii, steps, timesteps, batch_size, seed,
+                                labels)
+    stem = os.path.join(out_dir, 'robust_denoising')
+    attack = {'norm': norm, 'attack_steps': steps}
+    if is_main:
+      write_table(rows, stem, 'Denoising error under attack',
+                  {k: meta[k] for k in ('workdir', 'step', 'weights')} | attack)
+      plot_denoising(rows, f'{stem}.png')
+    say(f'robustness: wrote {stem}.md')
+    metrics = setup_metrics(config, run.mesh, out_dir)
+    names = [extractor.name for extractor, _ in metrics]
+
+    def progress(row):
+      scores = ' | '.join(f'{n} {row[n]:.4g}' for n in names if n in row)
+      say(f'robustness: radius {row["radius"]:g} at {row["at"]}: {scores} | '
+          f'{row["seconds"]:.1f} s')
+
+    rows = sampling_robustness(run, metrics, sampler, nfe, eps_scale, norm, radii,
+                               tuple(probe.attack_at), steps, num_samples, batch_size, seed,
+                               progress, **opts)
+    stem = os.path.join(out_dir, 'robust_sampling')
+    if is_main:
+      write_table(rows, stem, 'Samples under attack', meta | attack)
+    say(f'robustness: wrote {stem}.md')
