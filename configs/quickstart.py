@@ -17,4 +17,7 @@ def get_config():
   config.training.checkpoint_every = 500
   config.training.sample_every = 1500
   config.training.sample_steps = 100
+  # Most pixels of the digits sit at the range's ends: without x0 clipping DPM-Solver++'s
+  # samples stall at fd_digits ~32 for any NFE; with it they reach ~15 by NFE 10.
+  config.eval.sampler_options.dpm_solver_pp.clip_x0 = True
   return config
