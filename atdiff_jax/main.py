@@ -1,4 +1,4 @@
-"""Command line: `python -m atdiff_jax.main --workdir=RUN --mode=train|sample|eval [--config=...]`.
+"""Command line: `python -m atdiff_jax.main --workdir=RUN --mode=MODE [--config=...]`.
 
   train:  --config=configs/X.py is required; trains (or resumes) the run in RUN.
   sample: writes config.eval.num_samples images with one sampler setting to .npz shards
@@ -8,11 +8,11 @@
   probe:  the mismatch and robustness probes (config.probe) of the config.eval.sampler
           setting into RUN/probe/.
 
-For sample and eval, the model always comes from RUN/config.json (what the checkpoint was
+For sample, eval and probe, the model always comes from RUN/config.json (what the checkpoint was
 trained with). Without --config, the eval settings stored there are used. To change them,
 pass the run's own config file and override fields, e.g.
   --config=configs/quickstart.py --config.eval.nfe=20 --config.eval.sampler=ddim
-then the eval and data blocks of --config are used (its model must match the run's).
+then the eval, data and probe blocks of --config are used (its model must match the run's).
 
 Flags and mode dispatch only; the work lives in the library.
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Sequence
 
 import jax
@@ -64,7 +65,11 @@ def bench_sample(config: ml_collections.ConfigDict,
     # Jitting the wrapper gives one executable whose compile time can be read off.
     compiled, compile_s = common.time_compile(jax.jit(generate), params, rng)
     call = functools.partial(compiled, params, rng)  # same work for any key
+    warm_start = time.perf_counter()
     common.warm_up(call, warmup)
+    if log:
+      log(f'sample: {name}: compiled in {compile_s:.1f} s, warm-up '
+          f'{time.perf_counter() - warm_start:.1f} s')
     starts.append(lambda call=call: call)
     rows.append({'name': name, 'compile_s': compile_s,
                  'xla_memory': common.compiled_memory(compiled),

@@ -8,6 +8,7 @@ start from the same initial state.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Sequence
 
 import jax
@@ -151,7 +152,11 @@ def bench_train(config: ml_collections.ConfigDict,
     compiled, compile_s = common.time_compile(
         step, jax.device_put(host_state, NamedSharding(mesh, P())), batch)
     start = _starter(compiled, host_state, batch, mesh)
+    warm_start = time.perf_counter()
     common.warm_up(start(), max(warmup, 1))
+    if log:  # as it happens: a run cut short still shows where its time went
+      log(f'train: {variant.name}: compiled in {compile_s:.1f} s, warm-up '
+          f'{time.perf_counter() - warm_start:.1f} s')
     starts.append(start)
     rows.append({
         'name': variant.name, 'method': variant.method, 'k': variant.steps,
