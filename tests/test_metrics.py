@@ -184,6 +184,13 @@ def test_random_subset_is_uniform_ordered_and_independent_of_batching():
   small = pr.RandomSubset(50)
   small.update(rows)
   np.testing.assert_array_equal(small.result(), rows)  # fewer rows than size: all of them
+  # A larger subset cut to `limit` is the smaller subset of the same seed (samples keep
+  # more features than a reference, from the same accumulator).
+  large = pr.RandomSubset(30, seed=3)
+  for chunk in np.array_split(rows, [7, 8, 31]):
+    large.update(chunk)
+  np.testing.assert_array_equal(large.result(limit=10), kept)
+  assert large.result().shape == (30, 2) and large._rows.shape[0] == 30  # grown, not more
   counts = np.zeros(20)
   for seed in range(400):
     subset = pr.RandomSubset(5, seed)

@@ -5,10 +5,10 @@ Three Frechet distances, each named after its feature space so they are never co
   classifier), from a converted weights file; comparable with published numbers only
   with 50k samples against the usual reference statistics. With it, as the ADM
   evaluator defines them: `sfid` (the Frechet distance of the spatial mixed_6/conv
-  features) and `precision` / `recall` (k=3 manifolds of pool3 features, at most
-  `max_manifold` random features of each set). They need reference statistics that
-  have them (`mu_s` / `sigma_s` in the stats file, the features in
-  `<stats stem>_manifold.npz`); a reference without them skips them.
+  features) and `precision` / `recall` (k=3 manifolds of pool3 features: at most
+  `max_manifold` random reference features against up to 50k sample features). They
+  need reference statistics that have them (`mu_s` / `sigma_s` in the stats file, the
+  features in `<stats stem>_manifold.npz`); a reference without them skips them.
 - `fd_digits`: features of a small digits classifier (see `metrics.digits_fd`); only for
   the 8x8 digits, and not comparable with FID.
 - `fd_pixels`: raw pixels in [-1, 1] (images of at most 32x32); a cheap sanity check
@@ -49,7 +49,7 @@ class FeatureExtractor:
   dim: int
   inception_score: bool = False  # the logits are the Inception classifier's
   spatial_dim: int = 0         # > 0: fn also returns (N, spatial_dim) features, for `sfid`
-  max_manifold: int = 0        # > 0: precision / recall on this many random features at most
+  max_manifold: int = 0        # > 0: precision / recall, this many reference features at most
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray | None, ...]:
     return self.fn(images)
@@ -84,7 +84,8 @@ def inception_features(weights_path: str, mesh: jax.sharding.Mesh | None = None,
   """The FID Inception network of a converted weights file (never downloaded).
 
   Gives `fid`, `sfid`, `precision` and `recall` (at most `max_manifold` random
-  features per set), and `is` / `is_std` when the file has the classifier.
+  reference features, up to 50k sample features), and `is` / `is_std` when the file
+  has the classifier.
 
   Raises FileNotFoundError, saying how to convert the weights, when the file is missing.
   """
@@ -120,15 +121,18 @@ class MetricAccumulator:
   """Feeds image batches through one extractor; the metrics against reference stats.
 
   Keeps running statistics (pool3 and spatial) and, for precision / recall, a
-  random subset of at most `extractor.max_manifold` features (drawn with `seed`).
+  random subset of the features (drawn with `seed`): up to MAX_SAMPLE_MANIFOLD of
+  them as samples, `extractor.max_manifold` of them as a reference.
   """
 
   def __init__(self, extractor: FeatureExtractor, seed: int = 0):
     self.extractor = extractor
     self._stats = RunningFeatureStats(extractor.dim)
     self._spatial = RunningFeatureStats(extractor.spatial_dim) if extractor.spatial_dim else None
-    self._subset = (pr.RandomSubset(extractor.max_manifold, seed) if extractor.max_manifold
-                    else None)
+    # Samples keep up to MAX_SAMPLE_MANIFOLD features (all of a 50k evaluation, as ADM);
+    # as a reference, the max_manifold of them with the smallest keys are used.
+    self._subset = (pr.RandomSubset(max(extractor.max_manifold, pr.MAX_SAMPLE_MANIFOLD), seed)
+                    if extractor.max_manifold else None)
     self._logits: list[np.ndarray] = []
 
   def update(self, images: np.ndarray) -> None:
@@ -149,7 +153,8 @@ class MetricAccumulator:
     """Everything seen so far as reference statistics (spatial ones and features if kept)."""
     mu, sigma = self._stats.result()
     mu_s, sigma_s = self._spatial.result() if self._spatial is not None else (None, None)
-    features = self._subset.result() if self._subset is not None else None
+    features = (self._subset.result(self.extractor.max_manifold) if self._subset is not None
+                else None)
     return ReferenceStats(mu, sigma, {'num_images': self._stats.count, **metadata},
                           mu_spatial=mu_s, sigma_spatial=sigma_s, features=features)
 

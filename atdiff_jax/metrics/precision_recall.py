@@ -12,8 +12,9 @@ evaluations/evaluator.py) computes them: squared Euclidean distances
 pool3 features, k = 3. Differences that only move numbers within rounding:
 float32 throughout (ADM tries float16 first), and both sets are shifted by the
 reference mean first (distances do not change; the expansion cancels less).
-The evaluation keeps at most `MAX_MANIFOLD` random features of each set (ADM:
-its 10k reference batch against all samples).
+The evaluation keeps at most `MAX_MANIFOLD` random reference features and up to
+`MAX_SAMPLE_MANIFOLD` sample features, as ADM (its 10k reference batch against all
+50k samples).
 
 Distances run in JAX, one block of rows against a whole set at a time, so
 memory is O(block_size * N), never N x N (1024 x 10k floats: 40 MB).
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 NEIGHBORHOOD = 3
-MAX_MANIFOLD = 10_000  # features per set, as the ADM reference batches
+MAX_MANIFOLD = 10_000  # reference features, as the ADM reference batches
+MAX_SAMPLE_MANIFOLD = 50_000  # sample features: all of a standard 50k evaluation
 BLOCK_SIZE = 1024  # rows per distance block
 
 # No TF32 / bf16 passes on accelerators: radii and distances are compared exactly.
@@ -148,11 +150,22 @@ class RandomSubset:
     rows = np.asarray(rows, np.float32)
     if rows.ndim != 2 or (self._rows is not None and rows.shape[1] != self._rows.shape[1]):
       raise ValueError(f'expected (N, D) rows with the same D each time, got {rows.shape}')
-    if self._rows is None:
-      self._rows = np.zeros((self.size, rows.shape[1]), np.float32)
     keys = self._rng.random(rows.shape[0])
     index = self.count + np.arange(rows.shape[0])
+    # Until the subset is full every row is kept, in the next free slot; the buffer grows
+    # as rows come, so a large `size` costs nothing for a small set.
+    filled = min(self.count, self.size)
+    take = min(rows.shape[0], self.size - filled)
     self.count += rows.shape[0]
+    if take:
+      self._reserve(filled + take, rows.shape[1])
+      fill = slice(filled, filled + take)
+      self._rows[fill], self._keys[fill], self._index[fill] = (rows[:take], keys[:take],
+                                                               index[:take])
+      rows, keys, index = rows[take:], keys[take:], index[take:]
+    if not rows.shape[0]:
+      return
+    # Full: the `size` smallest keys of the kept rows and the new ones stay.
     keep = np.argpartition(np.concatenate([self._keys, keys]), self.size - 1)[:self.size]
     new = keep[keep >= self.size] - self.size
     stays = np.zeros(self.size, bool)
@@ -160,11 +173,26 @@ class RandomSubset:
     slots = np.flatnonzero(~stays)  # as many as `new`
     self._rows[slots], self._keys[slots], self._index[slots] = rows[new], keys[new], index[new]
 
-  def result(self) -> np.ndarray:
-    """The kept rows (min(size, count), D), in the order they were seen."""
+  def _reserve(self, rows_needed: int, dim: int) -> None:
+    allocated = 0 if self._rows is None else self._rows.shape[0]
+    if allocated >= rows_needed:
+      return
+    grown = np.zeros((min(self.size, max(rows_needed, 2 * allocated)), dim), np.float32)
+    if self._rows is not None:
+      grown[:allocated] = self._rows
+    self._rows = grown
+
+  def result(self, limit: int | None = None) -> np.ndarray:
+    """The kept rows (min(size, count), D), in the order they were seen.
+
+    `limit`: only the `limit` rows with the smallest keys, i.e. the subset a
+    RandomSubset(limit) with the same seed would have kept.
+    """
     if self._rows is None:
       raise ValueError('no rows seen')
     filled = np.flatnonzero(self._index >= 0)
+    if limit is not None and limit < filled.size:
+      filled = filled[np.argsort(self._keys[filled], kind='stable')[:limit]]
     return self._rows[filled[np.argsort(self._index[filled])]]
 
 
