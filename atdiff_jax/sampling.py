@@ -16,6 +16,18 @@ from atdiff_jax.diffusion import get_beta_schedule
 from atdiff_jax.models import create_model, make_apply_fn
 
 
+def diffusion_betas(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The run's beta schedule (float64), as the samplers take it."""
+  return get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def params_model_fn(model) -> Callable[..., jax.Array]:
+  """`model_fn(x, t, y, params) -> output` for the samplers: params are an input of the
+  compiled program, not constants baked into it."""
+  apply = make_apply_fn(model)
+  return lambda x, t, y, params: apply(params, x, t, y)
+
+
 def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples: int,
                      sampler: str = 'ancestral', num_steps: int | None = None, model=None,
                      **sampler_opts) -> Callable[[object, jax.Array], jax.Array]:
@@ -25,15 +37,12 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples:
   cycle through the labels.
   """
   model = create_model(config) if model is None else model
-  apply = make_apply_fn(model)
   devices = mesh.shape['data']
   n = math.ceil(num_samples / devices) * devices
   shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
-  betas = get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   num_steps = num_steps or config.diffusion.num_timesteps
-  sample = samplers.make_sample_fn(
-      lambda x, t, y, params: apply(params, x, t, y), sampler, betas, num_steps, shape,
-      mesh, **sampler_opts)
+  sample = samplers.make_sample_fn(params_model_fn(model), sampler, diffusion_betas(config),
+                                   num_steps, shape, mesh, **sampler_opts)
   labels = None
   if config.model.num_classes:
     labels = jnp.arange(n, dtype=jnp.int32) % config.model.num_classes

@@ -20,10 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from atdiff_jax import checkpoint, samplers
+from atdiff_jax import checkpoint, samplers, sampling
 from atdiff_jax import config as config_lib
-from atdiff_jax.diffusion import get_beta_schedule
-from atdiff_jax.models import create_model, inception, make_apply_fn
+from atdiff_jax.models import create_model, inception
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import make_init_fn, make_mesh
 
@@ -60,12 +59,11 @@ class Run:
   @property
   def betas(self) -> np.ndarray:
     """The diffusion's beta schedule (float64), as the samplers take it."""
-    return get_beta_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+    return sampling.diffusion_betas(self.config)
 
   def model_fn(self) -> Callable[..., jax.Array]:
     """`model_fn(x, t, y, params) -> output` for the samplers (params passed, not baked in)."""
-    apply = make_apply_fn(self.model)
-    return lambda x, t, y, params: apply(params, x, t, y)
+    return sampling.params_model_fn(self.model)
 
   def sample_fn(self, sampler: str = 'dpm_solver++', nfe: int = 10, eps_scale: float = 1.0,
                 batch_size: int | None = None, **opts: Any) -> SampleFn:
