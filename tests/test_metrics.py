@@ -232,3 +232,14 @@ def test_inception_score_hand_computed_and_shift_invariant():
   assert inception_score.inception_score(logits + 7.0, 1)[0] == pytest.approx(expected, rel=1e-12)
   with pytest.raises(ValueError):
     inception_score.inception_score(logits, num_splits=3)
+
+
+def test_precision_recall_with_known_reference_radii():
+  rng = np.random.default_rng(5)
+  ref, samples = rng.normal(size=(40, 6)), rng.normal(size=(30, 6)) + 0.3
+  radii = pr.manifold_radii(ref)
+  assert pr.precision_recall(ref, samples, ref_radii=radii) == pr.precision_recall(ref, samples)
+  # Radii of nothing: no sample is inside the reference manifold.
+  assert pr.precision_recall(ref, samples, ref_radii=np.full(40, -1.0))[0] == 0.0
+  with pytest.raises(ValueError, match='ref_radii'):
+    pr.precision_recall(ref, samples, ref_radii=radii[:5])

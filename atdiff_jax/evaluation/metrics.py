@@ -117,6 +117,17 @@ def pixel_features(image_shape: tuple[int, int, int]) -> FeatureExtractor:
   return FeatureExtractor('fd_pixels', fn, dim)
 
 
+# The last reference's features and their k-NN radii: every cell of a sweep is scored
+# against the same reference, whose radii cost minutes on a CPU for 10k features.
+_radii_memo: list[np.ndarray | None] = [None, None]
+
+
+def _reference_radii(features: np.ndarray) -> np.ndarray:
+  if _radii_memo[0] is not features:
+    _radii_memo[:] = [features, pr.manifold_radii(features)]
+  return _radii_memo[1]
+
+
 class MetricAccumulator:
   """Feeds image batches through one extractor; the metrics against reference stats.
 
@@ -174,8 +185,8 @@ class MetricAccumulator:
     if self._subset is not None and reference.features is not None:
       samples = self._subset.result()
       if len(samples) > pr.NEIGHBORHOOD:
-        metrics['precision'], metrics['recall'] = pr.precision_recall(reference.features,
-                                                                      samples)
+        metrics['precision'], metrics['recall'] = pr.precision_recall(
+            reference.features, samples, ref_radii=_reference_radii(reference.features))
       else:
         log.warning('precision / recall need more than %d samples, have %d: skipped',
                     pr.NEIGHBORHOOD, len(samples))

@@ -109,9 +109,13 @@ def manifold_radii(features: np.ndarray, k: int = NEIGHBORHOOD,
 
 
 def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
-                     k: int = NEIGHBORHOOD, block_size: int = BLOCK_SIZE
-                     ) -> tuple[float, float]:
-  """(precision, recall) of (N, D) sample features against (M, D) reference features."""
+                     k: int = NEIGHBORHOOD, block_size: int = BLOCK_SIZE,
+                     ref_radii: np.ndarray | None = None) -> tuple[float, float]:
+  """(precision, recall) of (N, D) sample features against (M, D) reference features.
+
+  `ref_radii`: `manifold_radii(ref_features, k)`, when already known (a sweep scores
+  many sample sets against one reference).
+  """
   if k < 1:
     raise ValueError(f'k must be positive, got {k}')
   ref = _check(ref_features, k, 'reference features')
@@ -122,7 +126,11 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
   ref = jnp.asarray(ref - shift, jnp.float32)
   samples = jnp.asarray(samples - shift, jnp.float32)
   ref_block = _block(block_size, ref.shape[0])
-  ref_radii = _knn_radii(ref, k, ref_block)
+  if ref_radii is None:
+    ref_radii = _knn_radii(ref, k, ref_block)
+  elif np.shape(ref_radii) != (ref.shape[0],):
+    raise ValueError(f'ref_radii has shape {np.shape(ref_radii)}, expected ({ref.shape[0]},)')
+  ref_radii = jnp.asarray(ref_radii, jnp.float32)
   sample_radii = _knn_radii(samples, k, _block(block_size, samples.shape[0]))
   refs_in, samples_in = _membership(ref, ref_radii, samples, sample_radii, ref_block)
   return float(np.mean(np.asarray(samples_in))), float(np.mean(np.asarray(refs_in)))
