@@ -12,6 +12,14 @@ from atdiff_jax.models import create_model, make_apply_fn
 from atdiff_jax.train_step import create_train_state, make_diffusion, make_mesh
 
 
+@pytest.fixture
+def config(config):
+  """The loop's plumbing needs neither attention nor a second resolution: quicker compiles."""
+  config.model.ch_mult = (1,)
+  config.model.attn_resolutions = ()
+  return config
+
+
 def _assert_trees_equal(a, b):
   a, b = jax.device_get(a), jax.device_get(b)
   assert jax.tree.structure(a) == jax.tree.structure(b)
