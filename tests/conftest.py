@@ -21,6 +21,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import flax.linen as nn  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
@@ -50,6 +51,16 @@ def tiny_config():
 def config():
   return tiny_config()
 
+
+def assert_trees_equal(a, b, **tol):
+  """Same structure and leaves: bitwise, or within `tol` (assert_allclose's rtol / atol)."""
+  a, b = jax.device_get(a), jax.device_get(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if tol:
+      np.testing.assert_allclose(x, y, **tol)
+    else:
+      np.testing.assert_array_equal(x, y)
 
 
 class ToyDenoiser(nn.Module):

@@ -27,7 +27,7 @@ from atdiff_jax.data.sources import ArraySource
 from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.train_step import make_mesh
-from conftest import tiny_config
+from conftest import assert_trees_equal, tiny_config
 
 # The package exports the function `generate`, which hides the module of that name.
 generate_lib = importlib.import_module('atdiff_jax.evaluation.generate')
@@ -87,26 +87,20 @@ def run(trained):
   return evaluation.load_run(trained[0])
 
 
-def _assert_trees_equal(a, b):
-  a, b = jax.device_get(a), jax.device_get(b)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
-
 
 def test_load_run_restores_the_requested_weights(trained, run):
   workdir, _, state = trained
   assert run.step == STEP and run.weights_name == 'ema0.9'
-  _assert_trees_equal(run.params, state.ema_params[0])
+  assert_trees_equal(run.params, state.ema_params[0])
   leaf = jax.tree.leaves(run.params)[0]
   assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
 
   second = evaluation.load_run(workdir, step=STEP, ema_index=1)
   assert second.weights_name == 'ema0.999'
-  _assert_trees_equal(second.params, state.ema_params[1])
+  assert_trees_equal(second.params, state.ema_params[1])
   raw = evaluation.load_run(workdir, use_ema=False)
   assert raw.weights_name == 'params'
-  _assert_trees_equal(raw.params, state.params)
+  assert_trees_equal(raw.params, state.params)
 
   with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint for step 5.*\[6\]'):
     evaluation.load_run(workdir, step=5)

@@ -47,18 +47,11 @@ def _step(config, devices=None, tx=None, warm=True, seed=0, model=TOY):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-def _assert_trees_equal(a, b, **tol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    if tol:
-      np.testing.assert_allclose(x, y, **tol)
-    else:
-      np.testing.assert_array_equal(x, y)
-
 
 def test_free_with_one_pass_is_the_standard_step():
   standard, m_std = _step(micro_config(method='none'), model=None)
   free, m_free = _step(micro_config(method='free', steps=1, radius=0.3), model=None)
-  _assert_trees_equal(standard, free)
+  conftest.assert_trees_equal(standard, free)
   assert m_std['loss'] == m_free['loss']
 
 
@@ -134,4 +127,4 @@ def test_eight_devices_match_one(method):
   state1, m1 = _step(config, jax.devices()[:1], tx=tx, model=model)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m8['delta_over_radius'], m1['delta_over_radius'], rtol=1e-4)
-  _assert_trees_equal(state8.params, state1.params, rtol=1e-4, atol=1e-6)
+  conftest.assert_trees_equal(state8.params, state1.params, rtol=1e-4, atol=1e-6)

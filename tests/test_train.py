@@ -10,6 +10,7 @@ from atdiff_jax import checkpoint, train
 from atdiff_jax.methods import dpm
 from atdiff_jax.models import create_model, make_apply_fn
 from atdiff_jax.train_step import create_train_state, make_diffusion, make_mesh
+from conftest import assert_trees_equal
 
 
 @pytest.fixture
@@ -19,12 +20,6 @@ def config(config):
   config.model.attn_resolutions = ()
   return config
 
-
-def _assert_trees_equal(a, b):
-  a, b = jax.device_get(a), jax.device_get(b)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
 
 
 def _fixed_eval_loss(config, params):
@@ -70,7 +65,7 @@ def test_resume_reaches_the_same_state(config, tmp_path):
   train.train(config, str(tmp_path / 'resumed'))
   config.training.num_steps = 4
   resumed = train.train(config, str(tmp_path / 'resumed'))
-  _assert_trees_equal(straight, resumed)
+  assert_trees_equal(straight, resumed)
 
 
 def test_stop_request_checkpoints_and_resumes(config, tmp_path, monkeypatch):
@@ -107,7 +102,7 @@ def test_checkpoint_round_trip(config, tmp_path):
   ckpt.wait()
   restored = ckpt.restore(jax.eval_shape(lambda: state))
   ckpt.close()
-  _assert_trees_equal(state, restored)
+  assert_trees_equal(state, restored)
 
 
 def test_init_from_takes_weights_and_a_fresh_optimizer(config, tmp_path):
@@ -122,11 +117,11 @@ def test_init_from_takes_weights_and_a_fresh_optimizer(config, tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'target'), keep=2)
   state = train._initial_state(config, mesh, model, tx, ckpt)  # pylint: disable=protected-access
   ckpt.close()
-  _assert_trees_equal(state.params, source.params)
-  _assert_trees_equal(state.ema_params[0], source.ema_params[0])
-  _assert_trees_equal(state.ema_params[1], source.ema_params[0])
+  assert_trees_equal(state.params, source.params)
+  assert_trees_equal(state.ema_params[0], source.ema_params[0])
+  assert_trees_equal(state.ema_params[1], source.ema_params[0])
   assert int(state.step) == 0 and int(state.opt_step) == 0
-  _assert_trees_equal(state.opt_state, tx.init(source.params))
+  assert_trees_equal(state.opt_state, tx.init(source.params))
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(config, tmp_path):

@@ -49,25 +49,32 @@ def format_header(env: dict[str, Any], num_params: int | None = None,
   return '\n'.join(lines)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """Markdown table lines: the first column left-aligned, the numbers right-aligned."""
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '| ' + ' | '.join(['---'] + ['---:'] * (len(header) - 1)) + ' |']
+  return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
+
+
+def _memory_cells(row: dict) -> list[str]:
+  """XLA's per-device footprint of the compiled program, and the peak memory."""
+  xla = row['xla_memory']
+  return [_mib(xla and xla['footprint_bytes']), _mib(row['peak_memory']['bytes'])]
+
+
 def format_train_table(result: dict[str, Any]) -> str:
   """One row per AT variant; (×) is the ratio to `none`."""
   rows = result['variants']
   peak = _peak_label(rows)
-  lines = [
-      f'| AT variant | updates / call | compile (s) | ms / call | ms / update | images / s '
-      f'| updates / s | XLA MiB / device | {peak} MiB |',
-      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-  ]
-  for r in rows:
-    xla = r['xla_memory']
-    lines.append(
-        f'| {r["name"]} | {r["updates_per_call"]} | {r["compile_s"]:.1f} '
-        f'| {_sig(r["s_per_call"] * 1e3)} ({_ratio(r, "s_per_call")}) '
-        f'| {_sig(r["s_per_update"] * 1e3)} ({_ratio(r, "s_per_update")}) '
-        f'| {_sig(r["images_per_s"])} ({_ratio(r, "images_per_s")}) '
-        f'| {_sig(r["updates_per_s"])} ({_ratio(r, "updates_per_s")}) '
-        f'| {_mib(xla and xla["footprint_bytes"])} | {_mib(r["peak_memory"]["bytes"])} |')
-  lines += [
+  header = ['AT variant', 'updates / call', 'compile (s)', 'ms / call', 'ms / update',
+            'images / s', 'updates / s', 'XLA MiB / device', f'{peak} MiB']
+  body = [[r['name'], str(r['updates_per_call']), f'{r["compile_s"]:.1f}',
+           f'{_sig(r["s_per_call"] * 1e3)} ({_ratio(r, "s_per_call")})',
+           f'{_sig(r["s_per_update"] * 1e3)} ({_ratio(r, "s_per_update")})',
+           f'{_sig(r["images_per_s"])} ({_ratio(r, "images_per_s")})',
+           f'{_sig(r["updates_per_s"])} ({_ratio(r, "updates_per_s")})'] + _memory_cells(r)
+          for r in rows]
+  lines = _table(header, body) + [
       '',
       f'Train step, global batch {result["batch_size"]}; (×) = ratio to `none`. '
       'XLA MiB / device: arguments + outputs − donated + temporaries of the compiled step. '
@@ -78,31 +85,23 @@ def format_train_table(result: dict[str, Any]) -> str:
 
 def format_sample_table(result: dict[str, Any]) -> str:
   rows = result['samplers']
-  peak = _peak_label(rows)
-  lines = [
-      f'| sampler | NFE | compile (s) | s / batch | images / s | ms / NFE | XLA MiB / device '
-      f'| {peak} MiB |',
-      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-  ]
-  for r in rows:
-    xla = r['xla_memory']
-    lines.append(
-        f'| {r["name"]} | {result["nfe"]} | {r["compile_s"]:.1f} | {_sig(r["s_per_batch"])} '
-        f'| {_sig(r["images_per_s"])} | {_sig(r["s_per_nfe"] * 1e3)} '
-        f'| {_mib(xla and xla["footprint_bytes"])} | {_mib(r["peak_memory"]["bytes"])} |')
-  lines += ['', f'Sampling, batch {result["batch_size"]}, random-init params.']
-  return '\n'.join(lines)
+  header = ['sampler', 'NFE', 'compile (s)', 's / batch', 'images / s', 'ms / NFE',
+            'XLA MiB / device', f'{_peak_label(rows)} MiB']
+  body = [[r['name'], str(result['nfe']), f'{r["compile_s"]:.1f}', _sig(r['s_per_batch']),
+           _sig(r['images_per_s']), _sig(r['s_per_nfe'] * 1e3)] + _memory_cells(r)
+          for r in rows]
+  note = f'Sampling, batch {result["batch_size"]}, random-init params.'
+  return '\n'.join(_table(header, body) + ['', note])
 
 
 def format_inception_table(result: dict[str, Any]) -> str:
   label = _PEAK_LABELS.get(result['peak_memory']['kind'], result['peak_memory']['kind'])
   size = result['input_size']
-  return '\n'.join([
-      f'| Inception features | batch | first call (s) | s / batch | images / s | {label} MiB |',
-      '| --- | ---: | ---: | ---: | ---: | ---: |',
-      f'| {size}x{size} uint8 -> {result["resized_to"]}, {result["weights"]} weights '
-      f'| {result["batch_size"]} | {result["first_call_s"]:.1f} | {_sig(result["s_per_batch"])} '
-      f'| {_sig(result["images_per_s"])} | {_mib(result["peak_memory"]["bytes"])} |',
-      '',
-      'Host uint8 images in, host features out; first call includes compiling.',
-  ])
+  header = ['Inception features', 'batch', 'first call (s)', 's / batch', 'images / s',
+            f'{label} MiB']
+  row = [f'{size}x{size} uint8 -> {result["resized_to"]}, {result["weights"]} weights',
+         str(result['batch_size']), f'{result["first_call_s"]:.1f}',
+         _sig(result['s_per_batch']), _sig(result['images_per_s']),
+         _mib(result['peak_memory']['bytes'])]
+  return '\n'.join(_table(header, [row]) + [
+      '', 'Host uint8 images in, host features out; first call includes compiling.'])

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atdiff_jax import samplers
 from atdiff_jax.evaluation import run as run_lib
+from atdiff_jax.evaluation.generate import batch_labels
 from atdiff_jax.samplers import common
 
 # Per-step quantities, each a mean over examples of a per-example pixel mean.
@@ -113,9 +114,7 @@ def run_mismatch(probe_fn: Callable[..., dict[str, jax.Array]], params: Any, sam
   num_batches = max(1, math.ceil(num_samples / batch_size))
   totals, t, sigma = None, None, None
   for b in range(num_batches):
-    labels = None
-    if num_classes:
-      labels = jnp.asarray((np.arange(batch_size) + b * batch_size) % num_classes, jnp.int32)
+    labels = batch_labels(b, batch_size, num_classes)  # as generate labels that batch
     out = jax.device_get(probe_fn(jax.random.fold_in(jax.random.key(seed), b), labels, params))
     t, sigma = out.pop('t'), out.pop('sigma')
     totals = out if totals is None else {k: totals[k] + out[k] for k in totals}

@@ -11,7 +11,6 @@ Settings: the sampler of `config.eval` (sampler, nfe, eps_scale, sampler_options
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -20,13 +19,11 @@ import numpy as np
 
 from atdiff_jax import config as config_lib
 from atdiff_jax import data
-from atdiff_jax.evaluation import metrics as metrics_lib
 from atdiff_jax.evaluation import mismatch as mismatch_lib
 from atdiff_jax.evaluation import probe_report
 from atdiff_jax.evaluation import robustness
 from atdiff_jax.evaluation import run as run_lib
-from atdiff_jax.evaluation.generate import sample_batches
-from atdiff_jax.evaluation.sweep import Metric, setup_metrics
+from atdiff_jax.evaluation.sweep import Metric, score_samples, setup_metrics
 
 PROBE_DIR = 'probe'
 PROBES = ('mismatch', 'robustness')
@@ -117,18 +114,12 @@ def sampling_robustness(run: run_lib.Run, metrics: list[Metric], sampler: str, n
       ball = robustness.attack_ball(norm, radius, steps, image_shape)
       perturb['perturb_fn'] = robustness.make_sampling_attack(
           ball, steps, robustness.resolve_steps(at, nfe))
-    accumulators = [metrics_lib.MetricAccumulator(extractor) for extractor, _ in metrics]
-    start = time.perf_counter()
-    for _, images, _ in sample_batches(run, num_samples, sampler=sampler, nfe=nfe,
-                                       eps_scale=eps_scale, batch_size=batch_size, seed=seed,
-                                       **opts, **perturb):
-      for accumulator in accumulators:
-        accumulator.update(images)
+    scores = score_samples(run, metrics, num_samples, sampler=sampler, nfe=nfe,
+                           eps_scale=eps_scale, batch_size=batch_size, seed=seed, **opts,
+                           **perturb)
     row = {'sampler': sampler, 'nfe': nfe, 'eps_scale': eps_scale, 'norm': norm,
            'radius': radius, 'at': str(at), 'num_samples': num_samples}
-    for accumulator, (_, reference) in zip(accumulators, metrics):
-      row.update(accumulator.result(reference))
-    row['seconds'] = round(time.perf_counter() - start, 3)
+    row.update({k: v for k, v in scores.items() if k != 'images_per_s'})
     rows.append(row)
     if progress is not None:
       progress(row)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,13 +38,6 @@ def _figure(num_axes: int):
   return figure, [figure.add_subplot(1, num_axes, i + 1) for i in range(num_axes)]
 
 
-def _save(figure, path: str) -> None:
-  figure.tight_layout()
-  tmp = f'{path}.tmp.png'
-  figure.savefig(tmp)
-  os.replace(tmp, path)
-
-
 def plot_mismatch(result: mismatch_lib.MismatchResult, path: str) -> bool:
   """Left: eps-error on the sampler's x_t and on q's, per step. Right: eps mean squares."""
   made = _figure(2)
@@ -71,7 +63,7 @@ def plot_mismatch(result: mismatch_lib.MismatchResult, path: str) -> bool:
     axes.legend()
   figure.suptitle(f'{result.sampler}, NFE {result.nfe}, λ={result.eps_scale:g}, '
                   f'{result.num_samples} samples (tick labels: t)')
-  _save(figure, path)
+  report.save_figure(figure, path)
   return True
 
 
@@ -93,5 +85,5 @@ def plot_denoising(rows: Sequence[Row], path: str) -> bool:
   axes.set_title(f'denoising error under attack ({rows[0]["num_images"]} images)')
   axes.grid(True, alpha=0.3)
   axes.legend()
-  _save(figure, path)
+  report.save_figure(figure, path)
   return True

@@ -37,6 +37,14 @@ def atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def save_figure(figure, path: str) -> None:
+  """A matplotlib Figure as PNG, written to a temporary file and renamed (never half-written)."""
+  figure.tight_layout()
+  tmp = f'{path}.tmp.png'
+  figure.savefig(tmp)
+  os.replace(tmp, path)
+
+
 def load_rows(out_dir: str) -> list[Row]:
   """The rows of `out_dir/results.json` (empty when there is none yet)."""
   path = os.path.join(out_dir, RESULTS_JSON)
@@ -142,10 +150,7 @@ def plot_vs_nfe(rows: Sequence[Row], path: str, title: str = '') -> bool:
   axes.set_title(title or f'{metric} vs NFE')
   axes.grid(True, alpha=0.3)
   axes.legend()
-  figure.tight_layout()
-  tmp = f'{path}.tmp.png'
-  figure.savefig(tmp)
-  os.replace(tmp, path)
+  save_figure(figure, path)
   return True
 
 

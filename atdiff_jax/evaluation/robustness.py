@@ -15,7 +15,7 @@ eta * sqrt(H*W*C), so numbers compare across image sizes and with the training b
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -120,19 +120,20 @@ def _metric_names(metrics: list[Metric]) -> list[str]:
           for name in metrics_lib.metric_names(extractor, reference)]
 
 
-def evaluate_cell(run: run_lib.Run, cell: Cell, metrics: list[Metric]) -> dict[str, Any]:
-  """Samples one cell and scores it: {metric: value, 'seconds', 'images_per_s'}.
+def score_samples(run: run_lib.Run, metrics: list[Metric], num_samples: int, *,
+                  sampler: str, nfe: int, eps_scale: float, batch_size: int, seed: int,
+                  **opts: Any) -> dict[str, Any]:
+  """Draws `num_samples` images and scores them: {metric: value, 'seconds', 'images_per_s'}.
 
-  images_per_s (sampling and features) leaves out the first batch, which compiles.
+  `opts` go to the sampler. images_per_s (sampling and features) leaves out the first
+  batch, which compiles.
   """
-  ev = run.config.eval
   accumulators = [metrics_lib.MetricAccumulator(extractor) for extractor, _ in metrics]
   start = time.perf_counter()
   first_done, first_count, count = None, 0, 0
-  for _, images, _ in sample_batches(
-      run, int(ev.num_samples), sampler=cell.sampler, nfe=cell.nfe, eps_scale=cell.eps_scale,
-      batch_size=int(ev.batch_size), seed=int(ev.seed),
-      **run_lib.sampler_options(ev, cell.sampler)):
+  for _, images, _ in sample_batches(run, num_samples, sampler=sampler, nfe=nfe,
+                                     eps_scale=eps_scale, batch_size=batch_size, seed=seed,
+                                     **opts):
     for accumulator in accumulators:
       accumulator.update(images)
     count += len(images)
@@ -145,6 +146,14 @@ def evaluate_cell(run: run_lib.Run, cell: Cell, metrics: list[Metric]) -> dict[s
   for accumulator, (_, reference) in zip(accumulators, metrics):
     result.update(accumulator.result(reference))
   return result | {'seconds': round(end - start, 3), 'images_per_s': round(rate, 2)}
+
+
+def evaluate_cell(run: run_lib.Run, cell: Cell, metrics: list[Metric]) -> dict[str, Any]:
+  """Samples one cell of `run.config.eval` and scores it (see `score_samples`)."""
+  ev = run.config.eval
+  return score_samples(run, metrics, int(ev.num_samples), sampler=cell.sampler, nfe=cell.nfe,
+                       eps_scale=cell.eps_scale, batch_size=int(ev.batch_size),
+                       seed=int(ev.seed), **run_lib.sampler_options(ev, cell.sampler))
 
 
 def evaluate(run: run_lib.Run, out_dir: str | None = None, verbose: bool = True
