@@ -7,6 +7,7 @@ step and only ever adds later ones; `init_from` opens the other run read-only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -18,6 +19,8 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
 _ITEM = 'default'  # where CheckpointManager puts a step's single unnamed item
+# Train-state fields renamed since checkpoints were first written: new name -> old name.
+_RENAMED_FIELDS = {'objective_state': 'sampler_state'}
 
 
 class CheckpointError(RuntimeError):
@@ -51,12 +54,29 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     try:
-      return self._manager.restore(
-          step, args=ocp.args.StandardRestore(_abstract(abstract_state)))
+      renamed = self._renamed_fields(step, abstract_state)
+      if not renamed:
+        return self._manager.restore(
+            step, args=ocp.args.StandardRestore(_abstract(abstract_state)))
+      # An older layout: restore under the old field names, then rebuild the state.
+      fields = {f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)}
+      target = {renamed.get(name, name): value for name, value in fields.items()}
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
+      return abstract_state.replace(**{name: restored[renamed.get(name, name)]
+                                       for name in fields})
     except Exception as e:  # Orbax raises many types; name the checkpoint either way.
       raise CheckpointError(
           f'cannot restore checkpoint step {step} from {self.directory}: {e}. '
           'Is it from a run with another model config? Nothing was changed on disk.') from e
+
+  def _renamed_fields(self, step: int, abstract_state: Any) -> dict[str, str]:
+    """{new: old} for the state fields that checkpoint `step` stores under an old name."""
+    if not dataclasses.is_dataclass(abstract_state):
+      return {}
+    on_disk = _tree_metadata(os.path.join(self.directory, str(step), _ITEM))
+    return {new: old for new, old in _RENAMED_FIELDS.items()
+            if hasattr(abstract_state, new) and new not in on_disk and old in on_disk}
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -67,6 +87,12 @@ class Checkpointer:
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
+
+
+def _tree_metadata(item_dir: str) -> dict:
+  """The stored tree's structure (dicts of array metadata) of a checkpoint item folder."""
+  metadata = ocp.StandardCheckpointer().metadata(item_dir)
+  return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
 
 
 def find_checkpoint(path: str) -> str:
@@ -85,6 +111,28 @@ def find_checkpoint(path: str) -> str:
   raise CheckpointError(f'no checkpoint found under {path} (expected {CHECKPOINT_DIR}/<step>/)')
 
 
+def _restore_trees(step_dir: str, target: dict, what: str) -> dict:
+  """The trees of `target` (abstract leaves; ocp.PLACEHOLDER skips one) from a checkpoint
+  step folder, read-only: the one way weights are read out of another run."""
+  item_dir = os.path.join(step_dir, _ITEM)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      return checkpointer.restore(
+          item_dir, args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+  except Exception as e:  # Orbax raises many types; name the checkpoint either way.
+    raise CheckpointError(f'cannot load {what} from {step_dir}: {e}. Does the config '
+                          'describe the model of that run?') from e
+
+
+def _num_saved_ema(step_dir: str) -> int:
+  try:
+    return len(_tree_metadata(os.path.join(step_dir, _ITEM))['ema_params'])
+  except Exception as e:
+    raise CheckpointError(f'cannot read the checkpoint in {step_dir}: {e}') from e
+
+
 def restore_weights(path: str, abstract_params: Any, abstract_ema: tuple) -> tuple[Any, tuple]:
   """Params and EMA params of another run (read-only), for fine-tuning with a fresh optimizer.
 
@@ -92,27 +140,30 @@ def restore_weights(path: str, abstract_params: Any, abstract_ema: tuple) -> tup
   run, the extra ones start from its last EMA tree.
   """
   step_dir = find_checkpoint(path)
-  item_dir = os.path.join(step_dir, _ITEM)
-  try:
-    metadata = ocp.StandardCheckpointer().metadata(item_dir)
-    tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-    num_saved_ema = len(tree['ema_params'])
-    target = {
-        'params': _abstract(abstract_params),
-        'ema_params': [_abstract(abstract_params)] * num_saved_ema,
-    }
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(
-          item_dir, args=ocp.args.PyTreeRestore(
-              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-              partial_restore=True))
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f'cannot load weights from {step_dir}: {e}') from e
+  target = {
+      'params': _abstract(abstract_params),
+      'ema_params': [_abstract(abstract_params)] * _num_saved_ema(step_dir),
+  }
+  restored = _restore_trees(step_dir, target, 'weights')
   saved_ema = list(restored['ema_params'])
   ema = tuple(saved_ema[min(i, len(saved_ema) - 1)] for i in range(len(abstract_ema)))
   return restored['params'], ema
+
+
+def restore_params(step_dir: str, abstract_params: Any, ema_index: int | None = 0) -> Any:
+  """One params tree of a checkpoint step folder (read-only): EMA tree `ema_index`, or
+  with None the training params. The other trees are not read."""
+  abstract_params = _abstract(abstract_params)
+  if ema_index is None:
+    return _restore_trees(step_dir, {'params': abstract_params}, 'params')['params']
+  skip = jax.tree.map(lambda _: ocp.PLACEHOLDER, abstract_params)
+  num_ema = _num_saved_ema(step_dir)
+  if not 0 <= ema_index < num_ema:
+    raise CheckpointError(f'{step_dir} holds {num_ema} EMA trees; there is no EMA tree '
+                          f'{ema_index}')
+  target = {'ema_params': [abstract_params if i == ema_index else skip
+                           for i in range(num_ema)]}
+  return _restore_trees(step_dir, target, 'ema_params')['ema_params'][ema_index]
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

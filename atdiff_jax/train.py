@@ -13,11 +13,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atdiff_jax import checkpoint, config as config_lib, data, images, sampling
+from atdiff_jax.methods import get_objective
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import (create_train_state, make_init_fn, make_mesh,
@@ -113,9 +115,11 @@ class _Writer:
       self._writer.close()
 
 
-def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer):
-  """Resume from the workdir's latest checkpoint, else initialise (and maybe init_from)."""
-  abstract = jax.eval_shape(make_init_fn(config, model, tx), jax.random.key(0))
+def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer, objective=None):
+  """Resume from the workdir's latest checkpoint, else initialise, taking the weights of
+  config.init_from (or the objective's default source, e.g. a distillation teacher)."""
+  objective = get_objective(config, model) if objective is None else objective
+  abstract = jax.eval_shape(make_init_fn(config, model, tx, objective), jax.random.key(0))
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
@@ -124,12 +128,18 @@ def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer):
     log.info('Resuming from %s/%d', ckpt.directory, latest)
     return ckpt.restore(abstract, latest)
   state = create_train_state(config, mesh, model, tx)
-  if config.init_from:
-    params, ema = checkpoint.restore_weights(config.init_from, abstract.params,
-                                             abstract.ema_params)
-    log.info('Params and EMA from %s; fresh optimizer state.', config.init_from)
-    state = state.replace(params=params, ema_params=ema, opt_state=jax.jit(
-        tx.init, out_shardings=replicated)(params))
+  source = config.init_from or objective.default_init_from
+  if source:
+    params, ema = checkpoint.restore_weights(source, abstract.params, abstract.ema_params)
+    if objective.init_params_from == 'ema':  # a copy: donated buffers must not be shared
+      params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
+                       out_shardings=replicated)(ema[0])
+    log.info('Params (%s) and EMA from %s; fresh optimizer state.',
+             'its EMA' if objective.init_params_from == 'ema' else 'its params', source)
+    state = state.replace(
+        params=params, ema_params=ema,
+        opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
+        objective_state=jax.jit(objective.init_state, out_shardings=replicated)(params))
   return state
 
 
@@ -145,14 +155,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     checkpoint.save_config(workdir, config)
 
   model, tx = create_model(config), make_optimizer(config.training)
+  objective = get_objective(config, model)
+  frozen = objective.load_frozen(mesh)  # a missing or mismatched teacher stops here
   ckpt = checkpoint.Checkpointer(workdir, config.training.keep_checkpoints)
-  state = _initial_state(config, mesh, model, tx, ckpt)
+  state = _initial_state(config, mesh, model, tx, ckpt, objective)
   start_step = int(state.step)
   log.info('Model: %s parameters; %d devices, %d processes; starting at minibatch %d.',
            f'{num_params(state.params):,}', jax.device_count(), jax.process_count(),
            start_step)
 
-  train_step = make_train_step(config, mesh, model, tx)
+  train_step = make_train_step(config, mesh, model, tx, objective)
   grid_sampler = sampling.make_grid_sampler(config, mesh, model)
   training = config.training
   progress = _Progress(start_step, training.num_steps, training.batch_size,
@@ -165,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   try:
     with StopRequest() as stop, stream:
       while step < training.num_steps:
-        state, metrics = train_step(state, next(stream))
+        state, metrics = train_step(state, next(stream), frozen)
         buffered.append(metrics)
         step += 1
         if step % training.log_every == 0 or step == training.num_steps:

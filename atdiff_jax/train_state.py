@@ -16,18 +16,21 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: tuple        # one params tree per rate in config.training.ema_rates
-  sampler_state: Any       # the timestep sampler's state (loss history); () when uniform
+  # The objective's own state (methods/base.py): the DPM's timestep-sampler loss history
+  # (() when uniform), a consistency model's target params. Checkpoints written before it
+  # had this name call it sampler_state (checkpoint.py reads both).
+  objective_state: Any
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, num_ema: int,
-             sampler_state) -> 'TrainState':
+             objective_state) -> 'TrainState':
     return cls(
         step=jnp.zeros((), jnp.int32),
         opt_step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_ema)),
-        sampler_state=sampler_state,
+        objective_state=objective_state,
     )
 
 

@@ -102,7 +102,7 @@ def test_timestep_sampler_sees_every_adversarial_pass():
   config = micro_config(method='free', steps=3)
   config.training.timestep_sampler = 'loss_second_moment'
   state, _ = _step(config)
-  assert int(np.sum(state.sampler_state.counts)) == 3 * config.training.batch_size
+  assert int(np.sum(state.objective_state.counts)) == 3 * config.training.batch_size
 
 
 def test_t_range_limits_which_examples_are_perturbed():

@@ -68,6 +68,37 @@ def test_resume_reaches_the_same_state(config, tmp_path):
   assert_trees_equal(straight, resumed)
 
 
+def test_checkpoint_of_the_old_layout_resumes(config, tmp_path):
+  """Checkpoints written when the objective's state was the train state's sampler_state
+  resume, and the run continues exactly as an uninterrupted one."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from typing import Any  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class OldTrainState:  # TrainState as its first checkpoints stored it
+    step: Any
+    opt_step: Any
+    params: Any
+    opt_state: Any
+    ema_params: tuple
+    sampler_state: Any
+
+  config.training.timestep_sampler = 'loss_second_moment'
+  config.training.num_steps = 4
+  straight = train.train(config, str(tmp_path / 'straight'))
+  config.training.num_steps = 2
+  at_two = train.train(config, str(tmp_path / 'new'))
+  old = OldTrainState(at_two.step, at_two.opt_step, at_two.params, at_two.opt_state,
+                      at_two.ema_params, at_two.objective_state)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'old'), keep=2, async_save=False)
+  ckpt.save(2, old)
+  ckpt.close()
+  config.training.num_steps = 4
+  resumed = train.train(config, str(tmp_path / 'old'))
+  assert int(np.sum(resumed.objective_state.counts)) == 4 * config.training.batch_size
+  assert_trees_equal(straight, resumed)
+
+
 def test_stop_request_checkpoints_and_resumes(config, tmp_path, monkeypatch):
   config.training.num_steps = 6
   config.training.checkpoint_every = 100

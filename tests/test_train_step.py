@@ -41,7 +41,7 @@ def test_eight_devices_match_one(config):
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(state8.sampler_state), jax.tree.leaves(state1.sampler_state)):
+  for a, b in zip(jax.tree.leaves(state8.objective_state), jax.tree.leaves(state1.objective_state)):
     np.testing.assert_allclose(a, b, rtol=1e-5)
   assert int(state8.step) == 2 and int(state8.opt_step) == 2
 

@@ -1,5 +1,7 @@
 """The DPM objective: ADM's hybrid loss on a (possibly perturbed) noisy input.
 
+`DPMObjective` is what the train step runs (see methods/base.py).
+
 `make_loss_fn` returns a pure `loss_fn(params, batch, delta, rng) -> (loss, aux)`:
 - the noisy input is built from the batch's fixed draw (x0, t, eps), with DDPM-IP's
   input perturbation eps + gamma * xi when gamma > 0 (the target stays eps);
@@ -17,8 +19,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from jax import lax
 
-from atdiff_jax.diffusion import GaussianDiffusion, hybrid_loss
+from atdiff_jax.diffusion import (GaussianDiffusion, get_beta_schedule, hybrid_loss,
+                                  make_timestep_sampler)
+from atdiff_jax.methods.base import Objective
+from atdiff_jax.models import make_apply_fn
+from atdiff_jax.replay import AXIS
 
 ApplyFn = Callable[..., jax.Array]
 
@@ -56,3 +64,74 @@ def make_loss_fn(apply_fn: ApplyFn, diffusion: GaussianDiffusion, *, learn_sigma
     return loss, aux
 
   return loss_fn
+
+
+def make_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+  """The run's discrete diffusion process (config.diffusion)."""
+  d = config.diffusion
+  return GaussianDiffusion.create(get_beta_schedule(d.schedule, d.num_timesteps))
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of one training image."""
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def resolved_t_range(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """config.adv.t_range with t_max = -1 replaced by the last timestep."""
+  t_min, t_max = config.adv.t_range
+  return int(t_min), int(config.diffusion.num_timesteps - 1 if t_max == -1 else t_max)
+
+
+class DPMObjective(Objective):
+  """ADM's objective: t from the timestep sampler, hybrid loss on x_t (+ delta).
+
+  The objective state is the timestep sampler's (the loss history; () when uniform), and it
+  is updated after every optimizer update with the losses of that pass, gathered over the
+  whole global batch in global order (as the reference).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model):
+    self.diffusion = make_diffusion(config)
+    self.sampler = make_timestep_sampler(config.training.timestep_sampler,
+                                         config.diffusion.num_timesteps)
+    self.shape = image_shape(config)
+    self.ip_gamma = float(config.input_perturbation.gamma)
+    self.class_cond = bool(config.model.num_classes)
+    self.t_range = resolved_t_range(config)
+    self._loss_fn = make_loss_fn(
+        make_apply_fn(model), self.diffusion, learn_sigma=config.model.learn_sigma,
+        rescale_vb=config.diffusion.rescale_vb, target=config.adv.target,
+        ip_gamma=self.ip_gamma)
+
+  def init_state(self, params):
+    del params
+    return self.sampler.init()
+
+  def draw(self, objective_state, frozen, images, labels, keys, opt_step):
+    del frozen, opt_step
+    t_keys, noise_keys, xi_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
+                                               1, 0)
+    t, weights = jax.vmap(lambda k: self.sampler.sample(objective_state, k, 1))(t_keys)
+    normal = jax.vmap(lambda k: jax.random.normal(k, self.shape, images.dtype))
+    batch = {'x0': images, 't': t[:, 0], 'weights': weights[:, 0], 'noise': normal(noise_keys)}
+    if self.ip_gamma:
+      batch['xi'] = normal(xi_keys)
+    if self.class_cond:
+      batch['label'] = labels
+    return batch
+
+  def loss_fn(self, params, batch, delta, rng):
+    return self._loss_fn(params, batch, delta, rng)
+
+  def perturb_mask(self, batch):
+    t_min, t_max = self.t_range
+    return ((batch['t'] >= t_min) & (batch['t'] <= t_max)).astype(batch['x0'].dtype)
+
+  def after_update(self, objective_state, params, batch, aux):
+    del params
+    if not self.sampler.is_adaptive:
+      return objective_state
+    all_t = lax.all_gather(batch['t'], AXIS, tiled=True)
+    all_losses = lax.all_gather(lax.stop_gradient(aux['losses']), AXIS, tiled=True)
+    return self.sampler.update(objective_state, all_t, all_losses)
