@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atdiff_jax import checkpoint, samplers, sampling
@@ -29,7 +28,6 @@ from atdiff_jax.train_step import make_init_fn, make_mesh
 log = logging.getLogger(__name__)
 
 SampleFn = Callable[..., jax.Array]
-_ITEM = 'default'  # the single unnamed item of a CheckpointManager step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +61,7 @@ class Run:
 
   def model_fn(self) -> Callable[..., jax.Array]:
     """`model_fn(x, t, y, params) -> output` for the samplers (params passed, not baked in)."""
-    return sampling.params_model_fn(self.model)
+    return sampling.params_model_fn(self.model, self.config)
 
   def sample_fn(self, sampler: str = 'dpm_solver++', nfe: int = 10, eps_scale: float = 1.0,
                 batch_size: int | None = None, **opts: Any) -> SampleFn:
@@ -88,6 +86,7 @@ class Run:
       raise ValueError(f'eps_scale must be > 0, got {eps_scale}')
     size, channels = config.data.image_size, config.data.channels
     shape = (batch_size, size, size, channels)
+    opts = sampling.sampler_defaults(config, sampler) | opts
     sample = samplers.make_sample_fn(self.model_fn(), sampler, self.betas, int(nfe), shape,
                                      self.mesh, eps_scale=float(eps_scale), **opts)
     num_classes = int(config.model.num_classes)
@@ -148,23 +147,7 @@ def load_run(workdir: str, step: int | None = None, use_ema: bool = True, ema_in
   replicated = NamedSharding(mesh, P())
   target_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract.params)
-  if use_ema:  # the other EMA trees are skipped, not read
-    skip = jax.tree.map(lambda _: ocp.PLACEHOLDER, target_params)
-    target = {'ema_params': [target_params if i == ema_index else skip
-                             for i in range(num_ema)]}
-  else:
-    target = {'params': target_params}
-  try:
-    with ocp.PyTreeCheckpointer() as reader:
-      restored = reader.restore(
-          os.path.join(step_dir, _ITEM), args=ocp.args.PyTreeRestore(
-              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-              partial_restore=True))
-  except Exception as e:  # Orbax raises many types; name the checkpoint either way.
-    raise checkpoint.CheckpointError(
-        f'cannot load {"ema_params" if use_ema else "params"} from {step_dir}: {e}. '
-        'Does the config describe the model of this run?') from e
-  params = restored['ema_params'][ema_index] if use_ema else restored['params']
+  params = checkpoint.restore_params(step_dir, target_params, ema_index if use_ema else None)
   return Run(config=config, params=params, model=model, mesh=mesh,
              step=int(os.path.basename(step_dir)), workdir=os.path.abspath(workdir),
              use_ema=use_ema, ema_index=ema_index)
