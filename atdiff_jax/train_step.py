@@ -26,7 +26,7 @@ from atdiff_jax import adversarial, replay
 from atdiff_jax.methods import Objective, get_objective
 # make_diffusion: part of this module's API since before objectives had their own modules.
 from atdiff_jax.methods.dpm import image_shape, make_diffusion  # noqa: F401
-from atdiff_jax.models import create_model
+from atdiff_jax.models import create_model, init_params
 from atdiff_jax.train_state import TrainState, apply_update, make_optimizer
 
 AXIS = replay.AXIS
@@ -41,13 +41,9 @@ def make_mesh(devices=None) -> Mesh:
 def make_init_fn(config: ml_collections.ConfigDict, model, tx, objective: Objective = None):
   """`init(rng) -> TrainState`; jit it with replicated out_shardings to build the state."""
   objective = get_objective(config, model) if objective is None else objective
-  h, w, c = image_shape(config)
 
   def init(rng: jax.Array) -> TrainState:
-    y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-    variables = model.init({'params': rng}, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), y,
-                           train=False)
-    params = variables['params']
+    params = init_params(model, config, rng)
     return TrainState.create(params, tx, len(config.training.ema_rates),
                              objective.init_state(params))
 

@@ -26,6 +26,14 @@ def create_model(config: ml_collections.ConfigDict):
   )
 
 
+def init_params(model, config: ml_collections.ConfigDict, rng):
+  """Fresh params of `model` for images of `config.data` (labels when class-conditional)."""
+  size, channels = config.data.image_size, config.data.channels
+  y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+  return model.init({'params': rng}, jnp.zeros((1, size, size, channels)), jnp.zeros((1,)), y,
+                    train=False)['params']
+
+
 def make_apply_fn(model):
   """`apply(params, x, t, y, train, rng)`: the pure function losses and samplers call."""
 
