@@ -17,6 +17,14 @@ ADV_NORMS = ('l2', 'linf')
 ADV_RADIUS_SCALES = ('per_dim', 'absolute')
 ADV_INITS = ('zero', 'uniform')
 ADV_TARGETS = ('original', 'delta', 'delta_detach')
+OBJECTIVES = ('dpm', 'cd', 'ct')
+CM_SCALINGS = ('lcm', 'cm')
+CM_PAIRS = ('grid', 'improved_ct', 'ect')
+CM_GRIDS = ('karras', 'uniform')
+CM_DISTANCES = ('l2', 'pseudo_huber')
+CM_WEIGHTINGS = ('uniform', 'inverse_gap')
+CM_TEACHER_SOLVERS = ('ddim', 'heun')
+CM_TARGETS = ('clean', 'perturbed')
 
 
 class ConfigError(ValueError):
@@ -112,11 +120,79 @@ def validate_adversarial(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'input_perturbation.gamma', allow_zero=True)
 
 
+def objective_of(config: ml_collections.ConfigDict) -> str:
+  """config.objective; 'dpm' for runs made before objectives had a name."""
+  return config.get('objective', 'dpm')
+
+
+def is_consistency(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trains a consistency model (objective cd or ct)."""
+  return objective_of(config) in ('cd', 'ct')
+
+
+def validate_consistency(config: ml_collections.ConfigDict) -> None:
+  """The consistency block (objective cd | ct); the teacher's run is checked when loaded."""
+  from atdiff_jax.diffusion.schedules import get_beta_schedule  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if 'consistency' not in config:
+    raise ConfigError('config.consistency is missing (objective cd and ct need it)')
+  _choice(config, 'consistency.scalings', CM_SCALINGS)
+  _choice(config, 'consistency.pairs', CM_PAIRS)
+  _choice(config, 'consistency.grid', CM_GRIDS)
+  _choice(config, 'consistency.distance', CM_DISTANCES)
+  _choice(config, 'consistency.weighting', CM_WEIGHTINGS)
+  _choice(config, 'consistency.teacher_solver', CM_TEACHER_SOLVERS)
+  _choice(config, 'consistency.target_at', CM_TARGETS)
+  for field in ('sigma_data', 'timestep_scaling', 'sigma_max', 'rho', 'p_std'):
+    _positive(config, f'consistency.{field}')
+  cm = config.consistency
+  if isinstance(cm.p_mean, bool) or not isinstance(cm.p_mean, (int, float)):
+    _fail('consistency.p_mean', cm.p_mean, 'must be a number')
+  _positive(config, 'consistency.num_points', integer=True)
+  if cm.num_points < 2:
+    _fail('consistency.num_points', cm.num_points, 'must be >= 2 (a pair needs two times)')
+  _positive(config, 'consistency.skip', integer=True)
+  if cm.skip > cm.num_points - 1:
+    _fail('consistency.skip', cm.skip,
+          f'must be at most num_points - 1 = {cm.num_points - 1}')
+  _positive(config, 'consistency.n_start', integer=True)
+  _positive(config, 'consistency.n_max', integer=True)
+  if cm.n_max < cm.n_start:
+    _fail('consistency.n_max', cm.n_max, f'must be >= n_start ({cm.n_start})')
+  _positive(config, 'consistency.ect_stage_updates', integer=True)
+  mu = cm.target_ema
+  if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu < 1.0:
+    _fail('consistency.target_ema', mu, 'must be in [0, 1) (0: the target is the student)')
+  num_timesteps = config.diffusion.num_timesteps
+  _positive(config, 'consistency.t_min', allow_zero=True, integer=True)
+  if cm.t_min >= num_timesteps - 1:
+    _fail('consistency.t_min', cm.t_min, f'must be below the last timestep ({num_timesteps - 1})')
+  abar = np.cumprod(1.0 - get_beta_schedule(config.diffusion.schedule, num_timesteps))
+  ve_sigma = np.sqrt((1.0 - abar) / abar)
+  if not ve_sigma[int(cm.t_min)] < cm.sigma_max <= ve_sigma[-1]:
+    _fail('consistency.sigma_max', cm.sigma_max,
+          f'must lie in ({ve_sigma[int(cm.t_min)]:.4g}, {ve_sigma[-1]:.4g}], the noise levels '
+          f'sigma~ of timesteps t_min..{num_timesteps - 1} of this schedule')
+  if objective_of(config) == 'cd' and not config.get('teacher', ''):
+    raise ConfigError("config.teacher='': consistency distillation needs a teacher: "
+                      'the workdir of a DPM run of this project (--config.teacher=RUN)')
+  if config.input_perturbation.gamma:
+    _fail('input_perturbation.gamma', config.input_perturbation.gamma,
+          'input perturbation (DDPM-IP) belongs to objective=dpm; set it to 0')
+  if config.training.timestep_sampler != 'uniform':
+    _fail('training.timestep_sampler', config.training.timestep_sampler,
+          'belongs to objective=dpm; consistency pairs come from config.consistency.pairs')
+
+
 def validate_training(config: ml_collections.ConfigDict, num_devices: int,
                       num_processes: int = 1) -> None:
   """Everything a training run needs; `num_devices` is the global device count."""
   validate_model(config)
+  if objective_of(config) not in OBJECTIVES:
+    _fail('objective', objective_of(config), f'must be one of {", ".join(OBJECTIVES)}')
   validate_adversarial(config)
+  if is_consistency(config):
+    validate_consistency(config)
   batch = config.training.batch_size
   _positive(config, 'training.batch_size', integer=True)
   if batch % num_devices:

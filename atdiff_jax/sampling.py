@@ -12,7 +12,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from atdiff_jax import samplers
+from atdiff_jax.config import is_consistency
 from atdiff_jax.diffusion import get_beta_schedule
+from atdiff_jax.diffusion.consistency import Parametrisation, as_eps_model
+from atdiff_jax.diffusion.vp_time import VPTime
 from atdiff_jax.models import create_model, make_apply_fn
 
 
@@ -21,11 +24,28 @@ def diffusion_betas(config: ml_collections.ConfigDict) -> np.ndarray:
   return get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
 
 
-def params_model_fn(model) -> Callable[..., jax.Array]:
+def params_model_fn(model, config: ml_collections.ConfigDict | None = None
+                    ) -> Callable[..., jax.Array]:
   """`model_fn(x, t, y, params) -> output` for the samplers: params are an input of the
-  compiled program, not constants baked into it."""
+  compiled program, not constants baked into it.
+
+  For a consistency run (`config.objective` cd | ct) the output is the eps whose x0
+  prediction is the consistency function f(x, t), so every sampler and probe can use it.
+  """
   apply = make_apply_fn(model)
-  return lambda x, t, y, params: apply(params, x, t, y)
+  model_fn = lambda x, t, y, params: apply(params, x, t, y)
+  if config is None or not is_consistency(config):
+    return model_fn
+  return as_eps_model(model_fn, Parametrisation.from_config(config.consistency),
+                      VPTime.create(diffusion_betas(config)), config.data.channels)
+
+
+def sampler_defaults(config: ml_collections.ConfigDict, sampler: str) -> dict:
+  """Options a run's own training settles: the consistency sampler starts at the sigma~_max
+  a consistency run was trained up to."""
+  if sampler == 'consistency' and is_consistency(config):
+    return {'sigma_max': float(config.consistency.sigma_max)}
+  return {}
 
 
 def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples: int,
@@ -41,8 +61,9 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples:
   n = math.ceil(num_samples / devices) * devices
   shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
   num_steps = num_steps or config.diffusion.num_timesteps
-  sample = samplers.make_sample_fn(params_model_fn(model), sampler, diffusion_betas(config),
-                                   num_steps, shape, mesh, **sampler_opts)
+  sample = samplers.make_sample_fn(params_model_fn(model, config), sampler,
+                                   diffusion_betas(config), num_steps, shape, mesh,
+                                   **(sampler_defaults(config, sampler) | sampler_opts))
   labels = None
   if config.model.num_classes:
     labels = jnp.arange(n, dtype=jnp.int32) % config.model.num_classes
@@ -54,8 +75,10 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples:
 
 
 def make_grid_sampler(config: ml_collections.ConfigDict, mesh: Mesh, model=None):
-  """The training loop's preview: plain ancestral sampling with the configured steps."""
-  return make_generate_fn(config, mesh, config.training.num_samples, 'ancestral',
+  """The training loop's preview with training.sample_steps steps: ancestral sampling, or
+  consistency sampling for a consistency run."""
+  sampler = 'consistency' if is_consistency(config) else 'ancestral'
+  return make_generate_fn(config, mesh, config.training.num_samples, sampler,
                           config.training.sample_steps, model)
 
 

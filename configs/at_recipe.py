@@ -3,7 +3,9 @@
 
 def apply_free_at(config):
   """Free (efficient) AT: K=3 passes, L2 ball of radius 0.1 per dimension, alpha=0.1,
-  delta_detach target, ADM's loss-second-moment timestep sampler (method.md section 2)."""
+  delta_detach target, ADM's loss-second-moment timestep sampler (method.md section 2).
+  For a consistency objective, the ball and the scheme are the same; its pairs, not a
+  timestep sampler, set which times are trained."""
   config.adv.method = 'free'
   config.adv.norm = 'l2'
   config.adv.steps = 3
@@ -12,5 +14,6 @@ def apply_free_at(config):
   config.adv.radius_scale = 'per_dim'
   config.adv.init = 'zero'
   config.adv.target = 'delta_detach'
-  config.training.timestep_sampler = 'loss_second_moment'
+  if config.get('objective', 'dpm') == 'dpm':
+    config.training.timestep_sampler = 'loss_second_moment'
   return config

@@ -8,6 +8,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Another run's workdir (or one of its checkpoint step folders) to take params and EMA from;
   # the optimizer starts fresh. Empty: start from random initialisation.
   config.init_from = ''
+  # The training objective: dpm (ADM's diffusion loss), cd (consistency distillation from
+  # config.teacher) or ct (consistency training; ECT when started from a DPM via init_from).
+  config.objective = 'dpm'
+  # cd: the workdir of a DPM run of this project (its EMA params, read-only). The student
+  # starts as the teacher unless init_from says otherwise.
+  config.teacher = ''
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'digits'          # digits | npz | folder | a tfds name (cifar10, imagenet_resized/64x64)
@@ -51,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.sample_every = 1000   # minibatches; 0 disables the sample grid
   training.num_samples = 64      # images in the sample grid
-  training.sample_steps = 100    # ancestral steps for the grid
+  training.sample_steps = 100    # steps of the grid: ancestral (consistency for cd, ct)
   training.multi_host = False    # call jax.distributed.initialize()
 
   # Adversarial training (the paper's method). method=none is standard training.
@@ -70,6 +76,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.input_perturbation = ip = ml_collections.ConfigDict()
   ip.gamma = 0.0
 
+  # Consistency models (objective cd | ct; methods/consistency.py has the formulas).
+  config.consistency = cm = ml_collections.ConfigDict()
+  cm.scalings = 'lcm'            # lcm: c_skip / c_out of u = timestep_scaling * t; cm: of sigma~
+  cm.sigma_data = 0.5
+  cm.timestep_scaling = 10.0     # lcm only
+  cm.t_min = 0                   # the boundary timestep: f(x, t_min) = x
+  cm.sigma_max = 80.0            # the largest sigma~ = sqrt((1 - abar) / abar) trained and sampled
+  cm.pairs = 'grid'              # grid (CD, CT) | improved_ct (N(k) curriculum) | ect
+  cm.num_points = 18             # grid: N points from t_min to sigma_max
+  cm.grid = 'karras'             # grid: karras (on sigma~, rho) | uniform (in t)
+  cm.rho = 7.0
+  cm.skip = 1                    # grid: pairs t_{n+k} -> t_n, one teacher step apart
+  cm.n_start = 10                # improved_ct: s0 and s1 of N(k) = min(s0 2^(k / K'), s1) + 1
+  cm.n_max = 1280
+  cm.p_mean = -1.1               # improved_ct, ect: lognormal pair sampling on sigma~
+  cm.p_std = 2.0
+  cm.ect_stage_updates = 10_000  # ect: optimizer updates per stage (each halves the gap)
+  cm.target_ema = 0.0            # mu of the target network; 0: the student, stop-gradient
+  cm.distance = 'l2'             # l2 (mean square) | pseudo_huber (on the per-sample norm)
+  cm.weighting = 'uniform'       # uniform | inverse_gap: 1 / (sigma~_t - sigma~_s)
+  cm.teacher_solver = 'heun'     # cd: ddim (1 teacher call) | heun (2)
+  cm.target_at = 'clean'         # AT: target at the clean input | perturbed
+
   # Sampling (--mode=sample) and the evaluation sweep (--mode=eval) of a trained run.
   config.eval = ev = ml_collections.ConfigDict()
   ev.step = -1                   # checkpoint step to load; -1 = the latest
@@ -79,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 256            # global images per sampler call; a multiple of the devices
   ev.num_samples = 50_000        # per sample run, and per cell of the sweep
   # --mode=sample: one setting, written as .npz shards.
-  ev.sampler = 'dpm_solver++'    # ancestral | ddim | dpm_solver++
+  ev.sampler = 'dpm_solver++'    # ancestral | ddim | dpm_solver++ | consistency
   ev.nfe = 10                    # network evaluations (= sampler steps for all three)
   ev.eps_scale = 1.0             # epsilon scaling lambda (ADM-ES): eps / lambda; 1 = off
   ev.out_dir = ''                # empty: RUN/samples/<sampler>_nfe<N>_es<lambda>
@@ -102,6 +131,11 @@ def get_config() -> ml_collections.ConfigDict:
   ev.sampler_options.dpm_solver_pp = ml_collections.ConfigDict(
       {'order': 2, 'skip_type': 'logSNR', 't_start': 0.992, 'clip_x0': False,
        'lower_order_final': True})
+  # Consistency sampling: f at sigma~_max, then re-noise to each next time (timesteps: the
+  # original-scale times to call the model at; empty: a Karras grid from the run's
+  # consistency.sigma_max).
+  ev.sampler_options.consistency = ml_collections.ConfigDict({'clip_x0': True,
+                                                              'timesteps': ()})
 
   # --mode=probe: the mismatch and robustness probes of the eval.sampler setting, in RUN/probe/.
   config.probe = probe = ml_collections.ConfigDict()

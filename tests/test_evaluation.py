@@ -394,3 +394,17 @@ def test_probe_mode_writes_every_table(trained):
   assert [(r['radius'], r['at']) for r in sampled] == [(0.0, 'none'), (0.1, 'all')]
   assert all(np.isfinite(r['fd_digits']) for r in sampled)
   assert sampled[0]['fd_digits'] != sampled[1]['fd_digits']
+
+
+def test_consistency_times_must_fit_every_nfe():
+  config = _eval_config()
+  config.eval.samplers, config.eval.nfes = ('consistency',), (1, 2)
+  config.eval.sampler_options.consistency.timesteps = (90.0,)
+  with pytest.raises(config_lib.ConfigError, match=r'timesteps=\(90.0,\): gives 1 times'):
+    run_lib.validate_eval(config, 'eval', 8)
+  config.eval.nfes = (2,)
+  config.eval.sampler_options.consistency.timesteps = (40.0, 90.0)
+  with pytest.raises(config_lib.ConfigError, match='must decrease strictly'):
+    run_lib.validate_eval(config, 'eval', 8)
+  config.eval.sampler_options.consistency.timesteps = (90.0, 40.0)
+  run_lib.validate_eval(config, 'eval', 8)

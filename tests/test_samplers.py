@@ -81,7 +81,7 @@ def test_respaced_process_keeps_alphas_cumprod():
 
 
 def test_registry_and_option_errors():
-  assert set(samplers.SAMPLERS) == {'ancestral', 'ddim', 'dpm_solver++'}
+  assert set(samplers.SAMPLERS) == {'ancestral', 'ddim', 'dpm_solver++', 'consistency'}
   assert samplers.get_sampler('ddim') is samplers.sample_ddim
   with pytest.raises(ValueError, match="ancestral, ddim, dpm_solver\\+\\+"):
     samplers.get_sampler('heun')
@@ -253,6 +253,7 @@ def test_eps_scaling():
 @pytest.mark.parametrize('name, opts, explicit', [
     ('ancestral', {}, False),
     ('dpm_solver++', {'order': 3}, True),
+    ('consistency', {}, False),
 ])
 def test_sharded_sampling_equals_single_device(name, opts, explicit):
   devices = jax.devices()
@@ -302,3 +303,53 @@ def test_one_model_call_per_step_at_original_timesteps():
   assert np.all(np.diff(times) < 0) and times[-1] > 0.015 * T - 1
   # Evenly spaced respacing: ADM's space_timesteps(T, [4]).
   assert sorted(respace.resolve_respacing(T, 4, None).tolist()) == [0, 33, 66, 99]
+
+
+# --- consistency sampling ------------------------------------------------------------------
+
+
+def _exact_consistency_model():
+  """The eps model whose x0 prediction is f*(x, t) = m_0 + sqrt(v_0 / v_t)(x - m_t), the
+  exact consistency function of the Gaussian data (f*(x, 0) = x: it lands on x_{t=0})."""
+  from atdiff_jax.diffusion.consistency import eps_of_consistency  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.diffusion.vp_time import VPTime, broadcast_to  # pylint: disable=g-import-not-at-top
+  vp = VPTime.create(BETAS)
+
+  def moments(t):
+    a2 = broadcast_to(vp.alpha(t), 4)**2
+    return jnp.sqrt(a2) * MU, a2 * STD**2 + 1.0 - a2
+
+  def model(x, t, y):
+    (m0, v0), (mt, vt) = moments(jnp.zeros_like(t)), moments(t)
+    return eps_of_consistency(vp, x, t, m0 + jnp.sqrt(v0 / vt) * (x - mt))
+
+  return model, moments(jnp.zeros((1,)))
+
+
+def test_consistency_sampling_with_the_exact_function_reproduces_the_data():
+  model, (m0, v0) = _exact_consistency_model()
+  outs = _sample_together([(model, 'consistency', n, {}) for n in (1, 2, 4)])
+  for n, x in zip((1, 2, 4), outs):
+    x = np.asarray(x, np.float64)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(mean, np.ravel(m0), atol=0.02, err_msg=f'{n} steps')
+    np.testing.assert_allclose(var, np.ravel(v0), rtol=0.04, err_msg=f'{n} steps')
+
+
+def test_consistency_sampler_times():
+  seen = []
+
+  def model(x, t, y):
+    jax.debug.callback(lambda t: seen.append(float(np.asarray(t)[0])), t, ordered=True)
+    return oracle_model(x, t, y)
+
+  _sample(model, 'consistency', 3, shape=(8, 2, 2, 2))
+  _sample(model, 'consistency', 2, shape=(8, 2, 2, 2), timesteps=(90.0, 40.5))
+  jax.effects_barrier()
+  from atdiff_jax.diffusion.vp_time import VPTime  # pylint: disable=g-import-not-at-top
+  vp = VPTime.create(BETAS)
+  assert seen[0] == pytest.approx(float(vp.time_of_ve_sigma(80.0)), abs=1e-3)
+  assert seen[0] > seen[1] > seen[2] > 0
+  assert seen[3:] == [90.0, 40.5]
+  with pytest.raises(ValueError, match='decrease'):
+    _sample(model, 'consistency', 2, shape=(8, 2, 2, 2), timesteps=(40.0, 90.0))

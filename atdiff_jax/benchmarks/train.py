@@ -1,9 +1,10 @@
 """The train step under each adversarial-training variant: compile time, speed, memory.
 
 Every variant is the given config with only `adv.method` / `adv.steps` changed, so the
-ratios to `none` read directly as the cost of adversarial training. Batches are synthetic
-(the config's shape, no dataset), the state is donated as in training, and all variants
-start from the same initial state.
+ratios to `none` read directly as the cost of adversarial training, for any objective.
+Batches are synthetic (the config's shape, no dataset), the state is donated as in
+training, and all variants start from the same initial state; a distillation teacher is a
+copy of the student's initial weights (no teacher run is read).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atdiff_jax import config as config_lib
 from atdiff_jax.benchmarks import common
+from atdiff_jax.methods import get_objective
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import (AXIS, create_train_state, make_mesh, make_train_step,
@@ -89,7 +91,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, mesh: Mesh, seed: int = 0
   return {'image': jax.device_put(images, sharding), 'label': jax.device_put(labels, sharding)}
 
 
-def _starter(compiled, host_state, batch, mesh: Mesh):
+def _starter(compiled, host_state, batch, frozen, mesh: Mesh):
   """A function that puts a fresh copy of the initial state on the devices and returns a
   call running one step on it (each call donates the state and keeps the new one)."""
   replicated = NamedSharding(mesh, P())
@@ -98,7 +100,7 @@ def _starter(compiled, host_state, batch, mesh: Mesh):
     holder = [jax.device_put(host_state, replicated)]
 
     def call():
-      holder[0], metrics = compiled(holder[0], batch)
+      holder[0], metrics = compiled(holder[0], batch, frozen)
       return metrics
 
     return call
@@ -143,6 +145,9 @@ def bench_train(config: ml_collections.ConfigDict,
   host_state = jax.device_get(state)
   del state
   batch = synthetic_batch(config, mesh, config.seed)
+  # A distillation teacher of the student's shape (its initial weights: same speed as any).
+  frozen = jax.device_put(get_objective(config, model).init_frozen(host_state.params),
+                          NamedSharding(mesh, P()))
 
   rows, starts = [], []
   for variant, c in zip(variants, configs):
@@ -150,8 +155,8 @@ def bench_train(config: ml_collections.ConfigDict,
       log(f'train: compiling {variant.name}')
     step = make_train_step(c, mesh, model, tx)
     compiled, compile_s = common.time_compile(
-        step, jax.device_put(host_state, NamedSharding(mesh, P())), batch)
-    start = _starter(compiled, host_state, batch, mesh)
+        step, jax.device_put(host_state, NamedSharding(mesh, P())), batch, frozen)
+    start = _starter(compiled, host_state, batch, frozen, mesh)
     warm_start = time.perf_counter()
     common.warm_up(start(), max(warmup, 1))
     if log:  # as it happens: a run cut short still shows where its time went

@@ -227,6 +227,22 @@ def _check_eps_scale(field: str, value: Any) -> None:
     _fail(field, value, 'must be a number > 0 (1 = no epsilon scaling)')
 
 
+def _check_consistency_times(ev: ml_collections.ConfigDict, nfes: tuple[int, ...],
+                             num_timesteps: int) -> None:
+  """Given consistency timesteps must fit every NFE asked for (one time per step)."""
+  times = tuple(sampler_options(ev, 'consistency').get('timesteps') or ())
+  if not times:
+    return
+  field = 'sampler_options.consistency.timesteps'
+  if any(nfe != len(times) for nfe in nfes):
+    _fail(field, times, f'gives {len(times)} times, one per step, but NFE {nfes} is asked '
+          'for; leave it empty for the default times at every NFE')
+  if not (all(0 < t <= num_timesteps - 1 for t in times)
+          and all(a > b for a, b in zip(times, times[1:]))):
+    _fail(field, times, f'must decrease strictly within (0, {num_timesteps - 1}] '
+          '(original-scale timesteps)')
+
+
 def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int) -> None:
   """Checks `config.eval` for `mode` ('sample' or 'eval') before anything compiles."""
   if 'eval' not in config:
@@ -251,6 +267,8 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
     _check_sampler('sampler', ev.sampler)
     _check_nfe('nfe', ev.nfe, num_timesteps)
     _check_eps_scale('eps_scale', ev.eps_scale)
+    if ev.sampler == 'consistency':
+      _check_consistency_times(ev, (ev.nfe,), num_timesteps)
     return
   if ev.num_samples < 2:
     _fail('num_samples', ev.num_samples, 'must be >= 2 to estimate a covariance')
@@ -263,6 +281,8 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
     _check_nfe('nfes', nfe, num_timesteps)
   for value in ev.eps_scales:
     _check_eps_scale('eps_scales', value)
+  if 'consistency' in ev.samplers:
+    _check_consistency_times(ev, tuple(ev.nfes), num_timesteps)
   if ev.inception_weights and not os.path.isfile(ev.inception_weights):
     try:  # raises at once for a missing file, with the steps to make one
       inception.load_inception_weights(ev.inception_weights)

@@ -1,6 +1,7 @@
 """Training objectives, one module each, behind the `Objective` interface of `base`.
 
-  dpm:  ADM's diffusion objective (hybrid loss, DDPM-IP input perturbation)
+  dpm:          ADM's diffusion objective (hybrid loss, DDPM-IP input perturbation)
+  consistency:  consistency distillation (cd) and consistency training (ct, ECT)
 
 `config.objective` picks one; the AT scheme (`config.adv.method`) is applied to any of them
 by `replay.py`.
@@ -9,17 +10,20 @@ from __future__ import annotations
 
 import ml_collections
 
+from atdiff_jax.config import OBJECTIVES, objective_of
 from atdiff_jax.methods.base import Objective
-
-OBJECTIVES = ('dpm',)
 
 
 def get_objective(config: ml_collections.ConfigDict, model) -> Objective:
-  """The objective `config.objective` names ('dpm' when the config has no such field)."""
-  name = config.get('objective', 'dpm')
+  """The objective `config.objective` names, for the student network `model`."""
+  # pylint: disable=g-import-not-at-top
+  name = objective_of(config)
   if name == 'dpm':
-    from atdiff_jax.methods.dpm import DPMObjective  # pylint: disable=g-import-not-at-top
+    from atdiff_jax.methods.dpm import DPMObjective
     return DPMObjective(config, model)
+  if name in ('cd', 'ct'):
+    from atdiff_jax.methods.consistency import ConsistencyObjective
+    return ConsistencyObjective(config, model)
   raise ValueError(f'unknown objective {name!r}; allowed: {", ".join(OBJECTIVES)}')
 
 

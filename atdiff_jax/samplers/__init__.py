@@ -1,4 +1,4 @@
-"""Diffusion samplers as pure, jittable functions, selected by name.
+"""Diffusion and consistency samplers as pure, jittable functions, selected by name.
 
 Each sampler has the signature
   sample(model_fn, rng, shape, betas, num_steps, *, y=None, eps_scale=1.0, clip_x0=..., **opts)
@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from atdiff_jax.samplers import common
 from atdiff_jax.samplers.ancestral import sample_ancestral
 from atdiff_jax.samplers.common import PerturbFn, Trajectory
+from atdiff_jax.samplers.consistency import sample_consistency
 from atdiff_jax.samplers.ddim import sample_ddim
 from atdiff_jax.samplers.dpm_solver import sample_dpm_solver_pp
 from atdiff_jax.samplers.respace import space_timesteps
@@ -27,6 +28,7 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     'ancestral': sample_ancestral,
     'ddim': sample_ddim,
     'dpm_solver++': sample_dpm_solver_pp,
+    'consistency': sample_consistency,
 }
 
 DATA_AXIS = 'data'
@@ -95,6 +97,7 @@ __all__ = [
     'get_sampler',
     'make_sample_fn',
     'sample_ancestral',
+    'sample_consistency',
     'sample_ddim',
     'sample_dpm_solver_pp',
     'space_timesteps',

@@ -1,0 +1,8 @@
+"""cifar10_cd with the paper's free AT on the student's input, at the same update budget."""
+from configs import at_recipe, cifar10_cd
+
+
+def get_config():
+  config = at_recipe.apply_free_at(cifar10_cd.get_config())
+  config.training.num_steps = cifar10_cd.get_config().training.num_steps // config.adv.steps
+  return config
