@@ -30,6 +30,9 @@ from atdiff_jax.models import create_model, init_params
 from atdiff_jax.train_state import TrainState, apply_update, make_optimizer
 
 AXIS = replay.AXIS
+# Keys per example for the objective's draw. With the delta start's key after them, this is
+# the layout of the step before objectives were separate: its runs draw the same numbers.
+DRAW_KEYS = 3
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -78,10 +81,11 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
     device = lax.axis_index(AXIS)
     example_root, device_root = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), state.step))
-    # One key per global example index, split into the objective's and delta's start.
+    # Per global example index: DRAW_KEYS keys for the objective, one for delta's start.
     ids = device * local_batch + jnp.arange(local_batch)
-    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(example_root, i)))(ids)
-    draw_keys, delta_keys = keys[:, 0], keys[:, 1]
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(example_root, i),
+                                               DRAW_KEYS + 1))(ids)
+    draw_keys, delta_keys = keys[:, :DRAW_KEYS], keys[:, DRAW_KEYS]
     pass_rng = jax.random.fold_in(device_root, device)  # dropout
 
     batch = objective.draw(state.objective_state, frozen, images, labels, draw_keys,

@@ -36,7 +36,7 @@ def cm_config(objective='ct', channels=1, size=4, **consistency):
 
 
 def draw(objective, images, seed=0, frozen=(), state=(), opt_step=0):
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(
+  keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(jax.random.key(seed), i), 3))(
       jnp.arange(images.shape[0]))
   labels = jnp.zeros((images.shape[0],), jnp.int32)
   return objective.draw(state, frozen, jnp.asarray(images), labels, keys, opt_step)

@@ -65,7 +65,8 @@ class Objective(abc.ABC):
   def draw(self, objective_state: Any, frozen: Any, images: jax.Array, labels: jax.Array,
            keys: jax.Array, opt_step: jax.Array) -> Batch:
     """This device's minibatch for `loss_fn`: images (B, H, W, C) in [-1, 1], labels (B,),
-    one key per example (B,), and the number of optimizer updates made so far."""
+    keys (B, train_step.DRAW_KEYS) of each example's own, and the number of optimizer
+    updates made so far."""
 
   @abc.abstractmethod
   def loss_fn(self, params: Any, batch: Batch, delta: jax.Array | None,

@@ -302,7 +302,7 @@ class ConsistencyObjective(Objective):
     return self.vp.time_of_ve_sigma(sigma_t), s, jnp.maximum(sigma_t - sigma_s, 1e-12)
 
   def draw(self, objective_state, frozen, images, labels, keys, opt_step):
-    pair_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    pair_keys, noise_keys = keys[:, 0], keys[:, 1]
     t, s, gap = jax.vmap(lambda k: self._pair(k, opt_step))(pair_keys)
     noise = jax.vmap(lambda k: jax.random.normal(k, self.shape, images.dtype))(noise_keys)
     alpha, sigma = (broadcast_to(v, images.ndim) for v in (self.vp.alpha(t), self.vp.sigma(t)))

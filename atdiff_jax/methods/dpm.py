@@ -110,8 +110,7 @@ class DPMObjective(Objective):
 
   def draw(self, objective_state, frozen, images, labels, keys, opt_step):
     del frozen, opt_step
-    t_keys, noise_keys, xi_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
-                                               1, 0)
+    t_keys, noise_keys, xi_keys = keys[:, 0], keys[:, 1], keys[:, 2]
     t, weights = jax.vmap(lambda k: self.sampler.sample(objective_state, k, 1))(t_keys)
     normal = jax.vmap(lambda k: jax.random.normal(k, self.shape, images.dtype))
     batch = {'x0': images, 't': t[:, 0], 'weights': weights[:, 0], 'noise': normal(noise_keys)}
