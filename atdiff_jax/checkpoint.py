@@ -16,6 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from atdiff_jax import config as config_lib
+
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
 _ITEM = 'default'  # where CheckpointManager puts a step's single unnamed item
@@ -169,6 +171,20 @@ def restore_params(step_dir: str, abstract_params: Any, ema_index: int | None = 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
+
+
+def check_same_network(config: ml_collections.ConfigDict, source: str, field: str,
+                       why: str) -> None:
+  """Raises ConfigError when the run `source` (given as config.<field>) has another network
+  or noise process than `config` (dropout may differ), naming the first differing field."""
+  theirs = load_config(source)
+  differ = config_lib.network_differences(config, theirs, ignore=('dropout',))
+  if differ:
+    first = differ[0]
+    raise config_lib.ConfigError(
+        f'config.{first}={config_lib.field_value(config, first)!r}: the run '
+        f'config.{field}={source!r} has {first}={config_lib.field_value(theirs, first)!r}; '
+        f'{why} (differing: {", ".join(differ)})')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ import ml_collections
 SCHEDULES = ('linear', 'cosine')
 TIMESTEP_SAMPLERS = ('uniform', 'loss_second_moment')
 DTYPES = ('float32', 'bfloat16')
+REMAT_MODES = ('none', 'attention', 'blocks')
 ADV_METHODS = ('none', 'free', 'pgd', 'fgsm')
 ADV_NORMS = ('l2', 'linf')
 ADV_RADIUS_SCALES = ('per_dim', 'absolute')
@@ -25,6 +26,15 @@ CM_DISTANCES = ('l2', 'pseudo_huber')
 CM_WEIGHTINGS = ('uniform', 'inverse_gap')
 CM_TEACHER_SOLVERS = ('ddim', 'heun')
 CM_TARGETS = ('clean', 'perturbed')
+
+# Model fields added after runs were first written, with the value that builds the network
+# those runs trained: their config.json still loads, and compares equal to a config that
+# spells the default out.
+LATER_MODEL_FIELDS = {'num_heads_upsample': -1, 'timestep_scale': 1.0, 'remat': 'none'}
+# Model fields that change how the network computes, not what: checkpoints of configs that
+# differ only in them are interchangeable.
+COMPUTE_FIELDS = ('dtype', 'remat')
+
 
 
 class ConfigError(ValueError):
@@ -49,6 +59,33 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
       raise ConfigError(f'config.{field} is missing')
     node = node[part]
   return node
+
+
+def model_field(model: ml_collections.ConfigDict, name: str) -> Any:
+  """`config.model.<name>`, or its default for a field added later (LATER_MODEL_FIELDS)."""
+  return model.get(name, LATER_MODEL_FIELDS.get(name))
+
+
+def network_differences(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict,
+                        ignore: Iterable[str] = ()) -> list[str]:
+  """The fields ('model.num_heads', ...) in which two configs describe another network or
+  noise process: the image shape, the model block (but COMPUTE_FIELDS and the model fields
+  in `ignore`) and the diffusion's schedule and length."""
+  plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+  skip = COMPUTE_FIELDS + tuple(ignore)
+  differ = [f'data.{k}' for k in ('image_size', 'channels') if ours.data[k] != theirs.data[k]]
+  differ += [f'model.{k}' for k in sorted(set(ours.model) | set(theirs.model))
+             if k not in skip and plain(model_field(ours.model, k)) != plain(
+                 model_field(theirs.model, k))]
+  differ += [f'diffusion.{k}' for k in ('schedule', 'num_timesteps')
+             if ours.diffusion[k] != theirs.diffusion[k]]
+  return differ
+
+
+def field_value(config: ml_collections.ConfigDict, field: str) -> Any:
+  """The value of a dotted field, with LATER_MODEL_FIELDS' defaults for the model block."""
+  block, _, name = field.partition('.')
+  return model_field(config.model, name) if block == 'model' else _get(config, field)
 
 
 def _positive(config, field: str, *, allow_zero: bool = False, integer: bool = False) -> None:
@@ -81,6 +118,13 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
     _positive(config, 'model.num_head_channels', integer=True)
   else:
     _positive(config, 'model.num_heads', integer=True)
+  # Fields added later are optional: a run's config.json from before them still loads.
+  if config.model.get('num_heads_upsample', -1) != -1:
+    _positive(config, 'model.num_heads_upsample', integer=True)
+  if 'timestep_scale' in config.model:
+    _positive(config, 'model.timestep_scale')
+  if 'remat' in config.model:
+    _choice(config, 'model.remat', REMAT_MODES)
 
   size = config.data.image_size
   _positive(config, 'data.image_size', integer=True)

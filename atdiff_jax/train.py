@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atdiff_jax import checkpoint, config as config_lib, data, images, sampling
-from atdiff_jax.methods import get_objective
+from atdiff_jax.methods import check_frozen_sources, get_objective
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import (create_train_state, make_init_fn, make_mesh,
@@ -130,6 +130,10 @@ def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer, objec
   state = create_train_state(config, mesh, model, tx)
   source = config.init_from or objective.default_init_from
   if source:
+    if config.init_from and os.path.isdir(source):
+      checkpoint.check_same_network(config, source, 'init_from',
+                                    'fine-tuning starts from its weights, so the networks '
+                                    'and noise processes must match')
     params, ema = checkpoint.restore_weights(source, abstract.params, abstract.ema_params)
     if objective.init_params_from == 'ema':  # a copy: donated buffers must not be shared
       params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
@@ -154,9 +158,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if is_main:
     checkpoint.save_config(workdir, config)
 
+  check_frozen_sources(config)  # a missing or mismatched teacher stops here
   model, tx = create_model(config), make_optimizer(config.training)
   objective = get_objective(config, model)
-  frozen = objective.load_frozen(mesh)  # a missing or mismatched teacher stops here
+  frozen = objective.load_frozen(mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.training.keep_checkpoints)
   state = _initial_state(config, mesh, model, tx, ckpt, objective)
   start_step = int(state.step)

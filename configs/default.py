@@ -35,8 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.learn_sigma = True
   model.resblock_updown = True
   model.use_scale_shift_norm = True
+  model.num_heads_upsample = -1  # heads of the decoder's attention blocks; -1 = num_heads
   model.num_classes = 0         # > 0: class-conditional on the data's labels
   model.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params are always float32)
+  # The network sees t * timestep_scale; improved-diffusion's rescale_timesteps: 1000 / T.
+  model.timestep_scale = 1.0
+  # Recompute in the backward pass to save memory: none | attention | blocks (every residual
+  # and attention block; guided-diffusion's use_checkpoint). Same values either way.
+  model.remat = 'none'
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

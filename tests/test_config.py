@@ -1,4 +1,5 @@
 """Bad configs stop before anything compiles, with one line naming the field."""
+import copy
 import importlib
 import os
 
@@ -29,6 +30,9 @@ BAD_CASES = [
     ('model.ch', 40, r'model.ch=40: times every ch_mult must be a multiple of 32'),
     ('model.dtype', 'float16', r'model.dtype=.float16.: must be one of float32, bfloat16'),
     ('model.dropout', 1.0, r'model.dropout=1.0: must be in \[0, 1\)'),
+    ('model.remat', 'full', r'model.remat=.full.: must be one of none, attention, blocks'),
+    ('model.timestep_scale', 0.0, r'model.timestep_scale=0.0: must be > 0'),
+    ('model.num_heads_upsample', 0, r'model.num_heads_upsample=0: must be > 0'),
     ('adv.method', 'freelb', r'adv.method=.freelb.: must be one of none, free, pgd, fgsm'),
     ('adv.norm', 'l1', r'adv.norm=.l1.: must be one of l2, linf'),
     ('adv.target', 'x0', r'adv.target=.x0.: must be one of original, delta, delta_detach'),
@@ -98,3 +102,23 @@ def test_paper_at_recipe():
           adv.init, adv.target) == ('free', 'l2', 3, 0.1, 0.1, 'per_dim', 'zero', 'delta_detach')
   assert config.training.timestep_sampler == 'loss_second_moment'
   assert config.model.ch == 128 and config.data.image_size == 32
+
+
+def test_runs_from_before_the_later_model_fields_still_load(config, tmp_path):
+  """A config.json without num_heads_upsample, timestep_scale and remat builds the network it
+  trained, and equals a config that spells their defaults out."""
+  from atdiff_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.evaluation import run as run_lib  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.methods import consistency  # pylint: disable=g-import-not-at-top
+  old = copy.deepcopy(config)
+  for field in config_lib.LATER_MODEL_FIELDS:
+    del old.model[field]
+  config_lib.validate_training(old, num_devices=8)
+  model = models.create_model(old)
+  assert (model.num_heads_upsample, model.timestep_scale, model.remat) == (-1, 1.0, 'none')
+  checkpoint.save_config(str(tmp_path), old)
+  run_lib.resolve_config(str(tmp_path), override=config)  # no "another model" error
+  config.objective, config.teacher = 'cd', str(tmp_path)
+  config.model.remat = 'blocks'  # how the student computes, not what
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint found'):  # models match
+    consistency.teacher_problems(config)

@@ -402,10 +402,11 @@ def test_bad_consistency_values_name_the_field(field, value, message):
     config_lib.validate_training(config, num_devices=8)
 
 
-def _fake_teacher(path, **data):
+def _fake_teacher(path, model=None, **data):
   """A workdir with a DPM run's config.json and no checkpoint."""
   teacher = conftest.tiny_config()
   teacher.model.ch_mult, teacher.model.attn_resolutions = (1,), ()
+  teacher.model.update(model or {})
   teacher.data.update(data)
   path.mkdir()
   checkpoint.save_config(str(path), teacher)
@@ -415,7 +416,11 @@ def _fake_teacher(path, **data):
 @pytest.mark.parametrize('problem,error,message', [
     ('missing', config_lib.ConfigError, r'config.teacher=.*: no such directory'),
     ('image_size', config_lib.ConfigError,
-     r'config.data.image_size=8: the teacher .* was trained on data.image_size=16'),
+     r'config.data.image_size=8: the run config.teacher=.* has data.image_size=16'),
+    # Same shapes, another network: the student would start from weights it misreads.
+    ('timestep_scale', config_lib.ConfigError,
+     r'config.model.timestep_scale=1.0: the run config.teacher=.* has '
+     r'model.timestep_scale=0.25; the student starts as the teacher'),
     ('no_checkpoint', checkpoint.CheckpointError, r'no checkpoint found under'),
 ])
 def test_bad_teacher_stops_distillation_before_compiling(tmp_path, problem, error, message):
@@ -424,6 +429,9 @@ def test_bad_teacher_stops_distillation_before_compiling(tmp_path, problem, erro
     config.teacher = str(tmp_path / 'nowhere')
   elif problem == 'image_size':
     config.teacher = _fake_teacher(tmp_path / 'big', image_size=16)
+  elif problem == 'timestep_scale':
+    config.teacher = _fake_teacher(tmp_path / 'rescaled', {'timestep_scale': 0.25},
+                                   image_size=8)
   else:
     config.teacher = _fake_teacher(tmp_path / 'empty', image_size=8)
   compiles = []

@@ -1,4 +1,5 @@
 """The host loop: learning, exact resume, init_from, clean stop, checkpoint errors."""
+import copy
 import os
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atdiff_jax import checkpoint, train
+from atdiff_jax import checkpoint, config as config_lib, train
 from atdiff_jax.methods import dpm
 from atdiff_jax.models import create_model, make_apply_fn
 from atdiff_jax.train_step import create_train_state, make_diffusion, make_mesh
@@ -175,3 +176,19 @@ def test_missing_init_from_is_a_clear_error(config, tmp_path):
   config.init_from = str(tmp_path / 'nowhere')
   with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
     train.train(config, str(tmp_path / 'run'))
+
+
+def test_init_from_a_run_of_another_network_names_the_field(config, tmp_path):
+  """Same shapes, other network: an imported improved-diffusion run sees t * 1000 / T, and
+  fine-tuning it with timestep_scale 1 would load without a shape error."""
+  other = copy.deepcopy(config)
+  other.model.timestep_scale = 0.25
+  source = tmp_path / 'source'
+  os.makedirs(source)
+  checkpoint.save_config(str(source), other)
+  config.init_from = str(source)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config.model.timestep_scale=1.0: the run config.init_from=.*'
+                           r'has model.timestep_scale=0.25; fine-tuning starts'):
+    train.train(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '0')

@@ -199,3 +199,56 @@ def test_rejects_inconsistent_inputs():
     _abstract_params(UNet(out_channels=3, **TINY), 8, labels=True)
   with pytest.raises(ValueError, match="divisible"):
     _abstract_params(UNet(out_channels=3, **TINY), 7, labels=False)
+
+
+
+# One level (no resampling) keeps the compiles of the option tests short; every block kind
+# the options touch (ResBlock with dropout, attention in encoder, middle and decoder) is in.
+ONE_LEVEL = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), num_heads=1,
+                 resblock_updown=True, use_scale_shift_norm=True)
+
+
+def test_remat_gives_the_same_outputs_and_gradients():
+  """remat trades memory for recomputation only: same params, outputs and gradients (with
+  dropout on, so the recomputed pass must replay the same masks)."""
+  model = UNet(out_channels=6, num_classes=5, dropout=0.5, **ONE_LEVEL)
+  x, t, y = _inputs(labels=True)
+  init = lambda net: net.init({"params": _key(0)}, x, t, y, train=False)["params"]
+  params = _perturb(jax.jit(lambda: init(model))())
+
+  def loss_and_grads(remat):
+    net = model.clone(remat=remat)
+    assert jax.tree.structure(jax.eval_shape(lambda: init(net))) == jax.tree.structure(params)
+
+    def loss(p):
+      out = net.apply({"params": p}, x, t, y, train=True, rngs={"dropout": _key(5)})
+      return jnp.mean(out ** 2), out
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, ref_out), ref_grads = loss_and_grads("none")
+  for remat in ("attention", "blocks"):
+    (_, out), grads = loss_and_grads(remat)
+    # Equal up to float rounding (XLA fuses the recomputed graph differently); other
+    # dropout masks would differ by O(1).
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="remat must be one of none, attention, blocks"):
+    jax.eval_shape(lambda: init(model.clone(remat="all")))
+
+
+def test_decoder_heads_and_timestep_scale():
+  model = UNet(out_channels=3, **ONE_LEVEL)
+  x, t, _ = _inputs()
+  params = _perturb(jax.jit(lambda: model.init({"params": _key(0)}, x, t, train=False))()
+                    ["params"])
+  run = lambda net, t: jax.jit(lambda p, t: net.apply({"params": p}, x, t, train=False))(
+      params, t)
+  ref = run(model, t)
+  # num_heads_upsample: the decoder's heads only; -1 (the default) is num_heads.
+  np.testing.assert_array_equal(run(model.clone(num_heads_upsample=1), t), ref)
+  assert float(jnp.max(jnp.abs(run(model.clone(num_heads_upsample=2), t) - ref))) > 1e-4
+  # timestep_scale: the network sees t * scale (improved-diffusion's rescale_timesteps).
+  np.testing.assert_allclose(run(model.clone(timestep_scale=0.25), t), run(model, t * 0.25),
+                             rtol=1e-6, atol=1e-6)

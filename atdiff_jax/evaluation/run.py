@@ -188,13 +188,14 @@ def resolve_config(workdir: str, override: ml_collections.ConfigDict | None = No
           f'{os.path.join(workdir, checkpoint.CONFIG_FILE)} has no eval block; pass '
           '--config=<the config file the run was trained with> (and --config.eval.* flags)')
     return config
-  ours = {'model': _plain(config.model), 'diffusion': _plain(config.diffusion),
+  later = config_lib.LATER_MODEL_FIELDS
+  ours = {'model': later | _plain(config.model), 'diffusion': _plain(config.diffusion),
           'data': {k: config.data[k] for k in ('image_size', 'channels')}}
-  theirs = {'model': _plain(override.model), 'diffusion': _plain(override.diffusion),
+  theirs = {'model': later | _plain(override.model), 'diffusion': _plain(override.diffusion),
             'data': {k: override.data[k] for k in ('image_size', 'channels')}}
   differ = [f'{block}.{k}={theirs[block].get(k)!r} (the run: {ours[block].get(k)!r})'
             for block in ours for k in sorted(set(ours[block]) | set(theirs[block]))
-            if k != 'dtype' and ours[block].get(k) != theirs[block].get(k)]
+            if k not in config_lib.COMPUTE_FIELDS and ours[block].get(k) != theirs[block].get(k)]
   if differ:
     raise config_lib.ConfigError(
         f'--config describes another model than the run in {workdir}: '

@@ -27,4 +27,12 @@ def get_objective(config: ml_collections.ConfigDict, model) -> Objective:
   raise ValueError(f'unknown objective {name!r}; allowed: {", ".join(OBJECTIVES)}')
 
 
-__all__ = ['OBJECTIVES', 'Objective', 'get_objective']
+def check_frozen_sources(config: ml_collections.ConfigDict) -> None:
+  """Checks the runs the objective reads its frozen extras from (a distillation teacher):
+  one clear line, before the objective is built and anything compiles."""
+  if objective_of(config) == 'cd':
+    from atdiff_jax.methods.consistency import teacher_problems  # pylint: disable=g-import-not-at-top
+    teacher_problems(config)
+
+
+__all__ = ['OBJECTIVES', 'Objective', 'check_frozen_sources', 'get_objective']

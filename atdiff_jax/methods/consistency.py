@@ -162,30 +162,10 @@ def teacher_problems(config: ml_collections.ConfigDict) -> None:
   if theirs.get('objective', 'dpm') != 'dpm':
     raise ConfigError(f'config.teacher={teacher!r}: the run there trains '
                       f'objective={theirs.objective!r}; a teacher must be a DPM run')
-  for field in ('image_size', 'channels'):
-    if theirs.data[field] != config.data[field]:
-      raise ConfigError(
-          f'config.data.{field}={config.data[field]!r}: the teacher {teacher} was trained on '
-          f'data.{field}={theirs.data[field]!r}; distil on images of the teacher\'s shape')
-  differ = [k for k in sorted(set(config.model) | set(theirs.model))
-            if k not in ('dtype', 'dropout') and _plain(config.model.get(k)) != _plain(
-                theirs.model.get(k))]
-  if differ:
-    k = differ[0]
-    raise ConfigError(
-        f'config.model.{k}={config.model.get(k)!r}: the teacher {teacher} has model.{k}='
-        f'{theirs.model.get(k)!r}; the student starts as the teacher, so their U-Nets must '
-        f'match (differing: {", ".join(differ)})')
-  for block in ('schedule', 'num_timesteps'):
-    if theirs.diffusion[block] != config.diffusion[block]:
-      raise ConfigError(
-          f'config.diffusion.{block}={config.diffusion[block]!r}: the teacher {teacher} '
-          f'uses diffusion.{block}={theirs.diffusion[block]!r}')
+  checkpoint.check_same_network(
+      config, teacher, 'teacher',
+      'the student starts as the teacher and learns its noise process, so they must match')
   checkpoint.find_checkpoint(teacher)  # CheckpointError when it holds none
-
-
-def _plain(value):
-  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 # ------------------------------------------------------------------ the objective

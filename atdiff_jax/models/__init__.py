@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from atdiff_jax.config import model_field
+
 
 def create_model(config: ml_collections.ConfigDict):
   """The ADM U-Net described by `config.model` for images of `config.data`."""
@@ -23,6 +25,9 @@ def create_model(config: ml_collections.ConfigDict):
       resblock_updown=m.resblock_updown,
       use_scale_shift_norm=m.use_scale_shift_norm,
       dtype=jnp.dtype(m.dtype),
+      num_heads_upsample=model_field(m, 'num_heads_upsample'),
+      timestep_scale=float(model_field(m, 'timestep_scale')),
+      remat=model_field(m, 'remat'),
   )
 
 

@@ -96,8 +96,9 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  # `train` may be passed by position: nn.remat can only treat positional arguments as static.
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     pd = self.param_dtype
     h = nn.silu(group_norm32(x, name="in_norm", param_dtype=pd)).astype(self.dtype)

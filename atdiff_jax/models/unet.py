@@ -13,10 +13,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atdiff_jax.config import REMAT_MODES
 from atdiff_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample,
                                       conv, dense, group_norm32, timestep_embedding)
 
 Dtype = Any
+
+# Recomputed in the backward pass instead of storing activations (`UNet.remat`). The
+# parameter tree is unchanged: the blocks keep their names. ResBlock's `train` (argument 3,
+# counting self) is static, as it decides dropout at trace time.
+_RematResBlock = nn.remat(ResBlock, static_argnums=(3,))
+_RematAttentionBlock = nn.remat(AttentionBlock)
 
 
 def count_params(tree: Any) -> int:
@@ -31,6 +38,11 @@ class UNet(nn.Module):
   inputs); the middle block always has attention. With `dtype` bfloat16 the
   convolutions and attention run in bfloat16 while the norms, the timestep and
   label embeddings and the output head stay in float32, like ADM's fp16 mode.
+
+  The network sees timesteps t * timestep_scale (improved-diffusion's rescale_timesteps
+  is 1000 / T). remat ('none' | 'attention' | 'blocks') recomputes the attention blocks,
+  or every residual and attention block, in the backward pass: less memory, same values
+  (guided-diffusion's use_checkpoint is 'blocks').
   """
   ch: int
   ch_mult: tuple[int, ...]
@@ -41,13 +53,18 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool
   num_heads: int = 4
   num_head_channels: int = -1
+  num_heads_upsample: int = -1  # heads of the decoder's attention; -1: num_heads
   dropout: float = 0.0
   num_classes: int = 0
+  timestep_scale: float = 1.0
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
     """Shape and argument checks with messages in the user's words (trace time)."""
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"remat must be one of {', '.join(REMAT_MODES)}, got {self.remat!r}")
     if x.ndim != 4:
       raise ValueError(f"x must be NHWC, got shape {x.shape}")
     factor = 2 ** (len(self.ch_mult) - 1)
@@ -78,9 +95,15 @@ class UNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=pd)
     res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, **kw)
     attn_kw = dict(num_heads=self.num_heads, num_head_channels=self.num_head_channels, **kw)
+    heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+    up_attn_kw = dict(attn_kw, num_heads=heads_up)
+    res_block = _RematResBlock if self.remat == 'blocks' else ResBlock
+    attn_block = AttentionBlock if self.remat == 'none' else _RematAttentionBlock
     last = len(self.ch_mult) - 1
 
     # Timestep (and label) embedding, in float32 as in ADM.
+    if self.timestep_scale != 1.0:
+      t = t.astype(jnp.float32) * self.timestep_scale
     emb = timestep_embedding(t, self.ch)
     emb = dense(emb, 4 * self.ch, name="time_embed_0", param_dtype=pd)
     emb = dense(nn.silu(emb), 4 * self.ch, name="time_embed_1", param_dtype=pd)
@@ -93,32 +116,32 @@ class UNet(nn.Module):
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, name=f"down_{level}_res_{i}", **res_kw)(h, emb, train=train)
+        h = res_block(self.ch * mult, name=f"down_{level}_res_{i}", **res_kw)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = AttentionBlock(name=f"down_{level}_attn_{i}", **attn_kw)(h)
+          h = attn_block(name=f"down_{level}_attn_{i}", **attn_kw)(h)
         skips.append(h)
       if level != last:
         if self.resblock_updown:
-          h = ResBlock(h.shape[-1], down=True, name=f"down_{level}_downsample",
-                       **res_kw)(h, emb, train=train)
+          h = res_block(h.shape[-1], down=True, name=f"down_{level}_downsample",
+                        **res_kw)(h, emb, train)
         else:
           h = Downsample(name=f"down_{level}_downsample", **kw)(h)
         skips.append(h)
 
-    h = ResBlock(h.shape[-1], name="mid_res_0", **res_kw)(h, emb, train=train)
-    h = AttentionBlock(name="mid_attn", **attn_kw)(h)
-    h = ResBlock(h.shape[-1], name="mid_res_1", **res_kw)(h, emb, train=train)
+    h = res_block(h.shape[-1], name="mid_res_0", **res_kw)(h, emb, train)
+    h = attn_block(name="mid_attn", **attn_kw)(h)
+    h = res_block(h.shape[-1], name="mid_res_1", **res_kw)(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)  # ADM's order: [h, skip]
-        h = ResBlock(self.ch * mult, name=f"up_{level}_res_{i}", **res_kw)(h, emb, train=train)
+        h = res_block(self.ch * mult, name=f"up_{level}_res_{i}", **res_kw)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = AttentionBlock(name=f"up_{level}_attn_{i}", **attn_kw)(h)
+          h = attn_block(name=f"up_{level}_attn_{i}", **up_attn_kw)(h)
       if level != 0:
         if self.resblock_updown:
-          h = ResBlock(h.shape[-1], up=True, name=f"up_{level}_upsample",
-                       **res_kw)(h, emb, train=train)
+          h = res_block(h.shape[-1], up=True, name=f"up_{level}_upsample",
+                        **res_kw)(h, emb, train)
         else:
           h = Upsample(name=f"up_{level}_upsample", **kw)(h)
 
