@@ -45,3 +45,15 @@ def easy_consistency_tuning(config):
   cm.distance = 'l2'
   cm.weighting = 'inverse_gap'
   return _sample_with_consistency(config)
+
+
+def quickstart_budget(config):
+  """The quickstart CM runs' budget: 900 updates at lr 2e-4, scored on 512 samples."""
+  config.training.num_steps = 900
+  config.training.lr = 2e-4
+  config.training.log_every = 100
+  config.training.checkpoint_every = 300
+  config.training.sample_every = 900
+  config.eval.num_samples = 512
+  config.probe.num_samples = 512
+  return config
