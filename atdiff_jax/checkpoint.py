@@ -2,23 +2,29 @@
 
 A run's workdir holds `checkpoints/<step>/` (the whole TrainState, written asynchronously
 and atomically by Orbax's CheckpointManager) and `config.json`. Nothing here deletes or
-overwrites a checkpoint that the current run did not write: resume picks up the latest
-step and only ever adds later ones; `init_from` opens the other run read-only.
+overwrites a checkpoint that the current run did not write: resume picks up the newest
+step that restores (one that does not is moved to `checkpoints_unreadable/`) and only ever
+adds later ones; `init_from` and a distillation teacher are opened read-only.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from atdiff_jax import config as config_lib
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = 'checkpoints'
+UNREADABLE_SUFFIX = '_unreadable'  # checkpoints that do not restore go to checkpoints_unreadable/
 CONFIG_FILE = 'config.json'
 _ITEM = 'default'  # where CheckpointManager puts a step's single unnamed item
 # Train-state fields renamed since checkpoints were first written: new name -> old name.
@@ -72,6 +78,51 @@ class Checkpointer:
           f'cannot restore checkpoint step {step} from {self.directory}: {e}. '
           'Is it from a run with another model config? Nothing was changed on disk.') from e
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore_newest_intact(self, abstract_state: Any) -> tuple[Any, int]:
+    """(state, step) of the newest checkpoint that restores.
+
+    A newer one that does not (truncated, deleted or garbled files: an interrupted copy, a
+    full disk) is moved aside to `<workdir>/checkpoints_unreadable/<step>`, never deleted,
+    and the run says so. When none restores, the latest's error is raised and nothing on
+    disk changes.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    errors = []
+    for step in reversed(steps):
+      try:
+        state = self.restore(abstract_state, step)
+      except CheckpointError as e:
+        errors.append((step, e))
+        continue
+      for broken, error in errors:
+        moved = self._move_aside(broken)
+        log.warning('Checkpoint step %d cannot be restored (%s); moved it to %s.', broken,
+                    error.__cause__ or error, moved)
+      if errors:
+        log.warning('Resuming from checkpoint step %d, the newest intact one.', step)
+      return state, step
+    raise errors[0][1]
+
+  def _move_aside(self, step: int) -> str:
+    target_dir = self.directory + UNREADABLE_SUFFIX
+    target = os.path.join(target_dir, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(target_dir, exist_ok=True)
+      suffix = 0
+      while os.path.exists(target):  # an earlier move of the same step is kept too
+        suffix += 1
+        target = os.path.join(target_dir, f'{step}.{suffix}')
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint {step} moved aside')
+    self._manager.reload()
+    return target
+
   def _renamed_fields(self, step: int, abstract_state: Any) -> dict[str, str]:
     """{new: old} for the state fields that checkpoint `step` stores under an old name."""
     if not dataclasses.is_dataclass(abstract_state):
@@ -124,7 +175,8 @@ def _restore_trees(step_dir: str, target: dict, what: str) -> dict:
               item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
               partial_restore=True))
   except Exception as e:  # Orbax raises many types; name the checkpoint either way.
-    raise CheckpointError(f'cannot load {what} from {step_dir}: {e}. Does the config '
+    reason = ' '.join(str(e).split()).split('. ')[0]  # Orbax's first sentence says it
+    raise CheckpointError(f'cannot load {what} from {step_dir}: {reason}. Does the config '
                           'describe the model of that run?') from e
 
 

@@ -5,6 +5,8 @@ command line costs seconds rather than a compile.
 """
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Any, Iterable
 
 import ml_collections
@@ -34,7 +36,6 @@ LATER_MODEL_FIELDS = {'num_heads_upsample': -1, 'timestep_scale': 1.0, 'remat': 
 # Model fields that change how the network computes, not what: checkpoints of configs that
 # differ only in them are interchangeable.
 COMPUTE_FIELDS = ('dtype', 'remat')
-
 
 
 class ConfigError(ValueError):
@@ -88,10 +89,58 @@ def field_value(config: ml_collections.ConfigDict, field: str) -> Any:
   return model_field(config.model, name) if block == 'model' else _get(config, field)
 
 
+def _is_number(value: Any) -> bool:
+  """A finite int or float (not a bool)."""
+  return (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value))
+
+
+def _is_sequence(value: Any) -> bool:
+  """A tuple or list (a string is not one here: "(0.999,)" given as text is an error)."""
+  return isinstance(value, (tuple, list))
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every leaf field of `config` as a dotted path, e.g. 'training.lr'."""
+  paths = []
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      paths += field_paths(value, f'{path}.')
+    else:
+      paths.append(path)
+  return paths
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """None when `path` names a field of `config`; else one line naming it, with the
+  closest valid names."""
+  node = config
+  for depth, part in enumerate(path.split('.')):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      break
+    node = node[part]
+  else:
+    return None
+  known = field_paths(config)
+  leaf = path.split('.')[-1]
+  same_leaf = [k for k in known if k.split('.')[-1] == leaf]
+  close = same_leaf + [k for k in difflib.get_close_matches(path, known, n=3, cutoff=0.6)
+                       if k not in same_leaf]
+  parent = '.'.join(path.split('.')[:depth])
+  where = f'config.{parent}' if parent else 'config'
+  hint = (f'; did you mean {" or ".join(f"config.{k}" for k in close[:3])}?' if close else
+          f'; {where} has: {", ".join(sorted(node.keys()))}'
+          if isinstance(node, ml_collections.ConfigDict) else '')
+  return f'config.{path}: no such field{hint}'
+
+
 def _positive(config, field: str, *, allow_zero: bool = False, integer: bool = False) -> None:
   value = _get(config, field)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     _fail(field, value, 'must be a number')
+  if not math.isfinite(value):
+    _fail(field, value, 'must be a finite number')
   if integer and int(value) != value:
     _fail(field, value, 'must be an integer')
   if value < 0 or (value == 0 and not allow_zero):
@@ -102,8 +151,9 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   """Model and diffusion fields, which sampling and evaluation need too."""
   _positive(config, 'model.ch', integer=True)
   _positive(config, 'model.num_res_blocks', integer=True)
-  ch_mult = tuple(config.model.ch_mult)
-  if not ch_mult or any(int(m) != m or m <= 0 for m in ch_mult):
+  ch_mult = config.model.ch_mult
+  if (not _is_sequence(ch_mult) or not ch_mult
+      or any(not _is_number(m) or int(m) != m or m <= 0 for m in ch_mult)):
     _fail('model.ch_mult', ch_mult, 'must be a non-empty tuple of positive integers')
   for mult in ch_mult:
     if (config.model.ch * mult) % 32:
@@ -134,6 +184,9 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
     _fail('data.image_size', size,
           f'must be divisible by 2**{downsamples} for a U-Net with ch_mult={ch_mult}')
   resolutions = {size // 2 ** level for level in range(len(ch_mult))}
+  if not _is_sequence(config.model.attn_resolutions):
+    _fail('model.attn_resolutions', config.model.attn_resolutions,
+          'must be a tuple of feature-map sizes, e.g. (16, 8)')
   for res in config.model.attn_resolutions:
     if res not in resolutions:
       _fail('model.attn_resolutions', tuple(config.model.attn_resolutions),
@@ -152,9 +205,10 @@ def validate_adversarial(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'adv.steps', integer=True)
   _positive(config, 'adv.step_size', allow_zero=True)
   _positive(config, 'adv.radius', allow_zero=True)
-  t_range = tuple(config.adv.t_range)
+  t_range = config.adv.t_range
   num_timesteps = config.diffusion.num_timesteps
-  if len(t_range) != 2:
+  if not _is_sequence(t_range) or len(t_range) != 2 or not all(
+      _is_number(t) and int(t) == t for t in t_range):
     _fail('adv.t_range', t_range, 'must be a pair (t_min, t_max)')
   t_min, t_max = t_range
   t_max = num_timesteps - 1 if t_max == -1 else t_max
@@ -190,8 +244,8 @@ def validate_consistency(config: ml_collections.ConfigDict) -> None:
   for field in ('sigma_data', 'timestep_scaling', 'sigma_max', 'rho', 'p_std'):
     _positive(config, f'consistency.{field}')
   cm = config.consistency
-  if isinstance(cm.p_mean, bool) or not isinstance(cm.p_mean, (int, float)):
-    _fail('consistency.p_mean', cm.p_mean, 'must be a number')
+  if not _is_number(cm.p_mean):
+    _fail('consistency.p_mean', cm.p_mean, 'must be a finite number')
   _positive(config, 'consistency.num_points', integer=True)
   if cm.num_points < 2:
     _fail('consistency.num_points', cm.num_points, 'must be >= 2 (a pair needs two times)')
@@ -205,7 +259,7 @@ def validate_consistency(config: ml_collections.ConfigDict) -> None:
     _fail('consistency.n_max', cm.n_max, f'must be >= n_start ({cm.n_start})')
   _positive(config, 'consistency.ect_stage_updates', integer=True)
   mu = cm.target_ema
-  if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu < 1.0:
+  if not _is_number(mu) or not 0.0 <= mu < 1.0:
     _fail('consistency.target_ema', mu, 'must be in [0, 1) (0: the target is the student)')
   num_timesteps = config.diffusion.num_timesteps
   _positive(config, 'consistency.t_min', allow_zero=True, integer=True)
@@ -231,6 +285,7 @@ def validate_consistency(config: ml_collections.ConfigDict) -> None:
 def validate_training(config: ml_collections.ConfigDict, num_devices: int,
                       num_processes: int = 1) -> None:
   """Everything a training run needs; `num_devices` is the global device count."""
+  _positive(config, 'seed', allow_zero=True, integer=True)
   validate_model(config)
   if objective_of(config) not in OBJECTIVES:
     _fail('objective', objective_of(config), f'must be one of {", ".join(OBJECTIVES)}')
@@ -250,13 +305,15 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   _positive(config, 'training.warmup_steps', allow_zero=True, integer=True)
   _positive(config, 'training.weight_decay', allow_zero=True)
   _positive(config, 'training.grad_clip', allow_zero=True)
-  rates = tuple(config.training.ema_rates)
-  if not rates or any(not 0.0 <= r < 1.0 for r in rates):
+  rates = config.training.ema_rates
+  if (not _is_sequence(rates) or not rates
+      or any(not _is_number(r) or not 0.0 <= r < 1.0 for r in rates)):
     _fail('training.ema_rates', rates, 'must be a non-empty tuple of rates in [0, 1)')
   _choice(config, 'training.timestep_sampler', TIMESTEP_SAMPLERS)
   for field in ('log_every', 'checkpoint_every'):
     _positive(config, f'training.{field}', integer=True)
   _positive(config, 'training.keep_checkpoints', integer=True)
+  _positive(config, 'training.stop_after_nonfinite', allow_zero=True, integer=True)
   _positive(config, 'training.sample_every', allow_zero=True, integer=True)
   _positive(config, 'training.num_samples', integer=True)
   _positive(config, 'training.sample_steps', integer=True)

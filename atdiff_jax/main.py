@@ -37,18 +37,38 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['workdir'])
 
 
-def main(argv):
-  del argv
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake in the command line as one ConfigError line."""
+  from atdiff_jax import command_line  # pylint: disable=g-import-not-at-top
+  command_line.check_argv(argv)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise command_line.ConfigError(command_line.flag_error_line(e)) from None
+
+
+def _parse_or_exit(argv: list[str]) -> list[str]:
+  from atdiff_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    return _parse_flags(argv)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> int:
+  """The parsed command; returns the exit status: 0 done (or stopped by a signal, resumable),
+  2 bad input (config, data, checkpoint, command line), 3 stopped on non-finite values."""
   config = _CONFIG.value
-  if config is None and _MODE.value == 'train':
-    raise app.UsageError('--config is required for --mode=train')
+  # Imports only (reading config.json touches no JAX backend).
+  from atdiff_jax import checkpoint, config as config_lib  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S')
   for noisy in ('absl', 'jax._src', 'orbax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  # Imports only (reading config.json touches no JAX backend).
-  from atdiff_jax import checkpoint, config as config_lib  # pylint: disable=g-import-not-at-top
   try:
+    if config is None and _MODE.value == 'train':
+      raise config_lib.ConfigError('--config is required for --mode=train')
     run_config = config if config is not None else checkpoint.load_config(_WORKDIR.value)
     if run_config.training.multi_host:
       import jax  # pylint: disable=g-import-not-at-top
@@ -58,7 +78,11 @@ def main(argv):
     # pylint: disable=g-import-not-at-top
     if _MODE.value == 'train':
       from atdiff_jax import train
-      train.train(config, _WORKDIR.value)
+      try:
+        train.train(config, _WORKDIR.value)
+      except train.NonFiniteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 3
     else:
       from atdiff_jax import evaluation
       entry = {'sample': evaluation.sample_mode, 'eval': evaluation.eval_mode,
@@ -66,8 +90,26 @@ def main(argv):
       entry(_WORKDIR.value, config)
   except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    return 2
+  return 0
+
+
+def cli(argv: list[str]) -> int:
+  """The whole command for `argv` (argv[0] is the program), in this process: for tests."""
+  from atdiff_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # an earlier call's overrides; config_flags defines them anew
+  saved, sys.argv = sys.argv, list(argv)  # config_flags finds its overrides in sys.argv
+  try:
+    _parse_flags(list(argv))
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  finally:
+    sys.argv = saved
+  return run()
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: run(), flags_parser=_parse_or_exit)

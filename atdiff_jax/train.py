@@ -20,9 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atdiff_jax import checkpoint, config as config_lib, data, images, sampling
 from atdiff_jax.methods import check_frozen_sources, get_objective
+from atdiff_jax.samplers import options as sampler_options
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
-from atdiff_jax.train_step import (create_train_state, make_init_fn, make_mesh,
+from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
                                    make_train_step, num_params, updates_per_minibatch)
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,49 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def _fetch_mean(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """One host transfer per log interval for all buffered step metrics."""
+def _fetch_mean(metrics: list[dict[str, jax.Array]]) -> tuple[dict[str, float], list[dict]]:
+  """One host transfer per log interval for all buffered step metrics: their means (and
+  the number of updates skipped as non-finite) and the host copies."""
   stacked = jax.device_get(metrics)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0] if k != 'nonfinite'}
+  means['skipped_updates'] = int(sum(m['nonfinite'] for m in stacked))
+  return means, stacked
+
+
+class NonFiniteError(RuntimeError):
+  """Too many minibatches in a row had a non-finite loss or gradient
+  (training.stop_after_nonfinite)."""
+
+
+@dataclasses.dataclass
+class _NonFiniteGuard:
+  """Follows the step's `nonfinite` counts (skipped updates per minibatch), in order, on
+  the host.
+
+  The step itself skips such updates (the state stays as it was); this counts the
+  minibatches that had one, says so, and stops the run once `limit` minibatches in a row
+  had one (0: never).
+  """
+  limit: int
+  streak: int = 0
+
+  def observe(self, stacked: list[dict], first_step: int, last_checkpoint: int | None) -> None:
+    skipped = 0
+    for offset, metrics in enumerate(stacked):
+      flag = bool(metrics['nonfinite'])
+      self.streak = self.streak + 1 if flag else 0
+      skipped += flag
+      if self.limit and self.streak >= self.limit:
+        raise NonFiniteError(
+            f'stopped at minibatch {first_step + offset + 1}: {self.streak} minibatches in a '
+            'row had a non-finite loss or gradient, their updates skipped '
+            f'(training.stop_after_nonfinite={self.limit}); the last checkpoint is '
+            f'{"step " + str(last_checkpoint) if last_checkpoint is not None else "none"}, '
+            'kept as it was. Lower training.lr, check the data, or raise the limit.')
+    if skipped:
+      log.warning('%d of the %d minibatches %d..%d had updates skipped: non-finite loss or '
+                  'gradient.', skipped, len(stacked), first_step + 1,
+                  first_step + len(stacked))
 
 
 class _Writer:
@@ -123,18 +163,19 @@ def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer, objec
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    log.info('Resuming from %s/%d', ckpt.directory, latest)
-    return ckpt.restore(abstract, latest)
-  state = create_train_state(config, mesh, model, tx)
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore_newest_intact(abstract)
+    log.info('Resuming from %s/%d', ckpt.directory, step)
+    return state
   source = config.init_from or objective.default_init_from
+  if source:  # read first: weights that do not fit fail before anything compiles
+    field = 'init_from' if config.init_from else 'teacher'
+    try:
+      params, ema = checkpoint.restore_weights(source, abstract.params, abstract.ema_params)
+    except checkpoint.CheckpointError as e:
+      raise checkpoint.CheckpointError(f'config.{field}={source!r}: {e}') from e
+  state = create_train_state(config, mesh, model, tx)
   if source:
-    if config.init_from and os.path.isdir(source):
-      checkpoint.check_same_network(config, source, 'init_from',
-                                    'fine-tuning starts from its weights, so the networks '
-                                    'and noise processes must match')
-    params, ema = checkpoint.restore_weights(source, abstract.params, abstract.ema_params)
     if objective.init_params_from == 'ema':  # a copy: donated buffers must not be shared
       params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
                        out_shardings=replicated)(ema[0])
@@ -151,48 +192,57 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Trains until config.training.num_steps minibatches; returns the final state."""
   mesh = make_mesh()
   config_lib.validate_training(config, jax.device_count(), jax.process_count())
+  # The eval block's sampler options too: a typo there must not cost a training run.
+  sampler_options.check_config_options(config.eval)
   source = data.create_source(config.data)  # bad data stops here, before any compile
   config_lib.validate_source(config, source)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    checkpoint.save_config(workdir, config)
-
+  make_workdir(workdir)
   check_frozen_sources(config)  # a missing or mismatched teacher stops here
-  model, tx = create_model(config), make_optimizer(config.training)
-  objective = get_objective(config, model)
-  frozen = objective.load_frozen(mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.training.keep_checkpoints)
-  state = _initial_state(config, mesh, model, tx, ckpt, objective)
-  start_step = int(state.step)
-  log.info('Model: %s parameters; %d devices, %d processes; starting at minibatch %d.',
-           f'{num_params(state.params):,}', jax.device_count(), jax.process_count(),
-           start_step)
-
-  train_step = make_train_step(config, mesh, model, tx, objective)
-  grid_sampler = sampling.make_grid_sampler(config, mesh, model)
-  training = config.training
-  progress = _Progress(start_step, training.num_steps, training.batch_size,
-                       updates_per_minibatch(config))
-  writer = _Writer(workdir)
-  buffered: list[dict[str, jax.Array]] = []
-  step = start_step
-  stream = data.BatchStream(source, training.batch_size, config.seed, mesh,
-                            start_step=start_step, random_flip=config.data.random_flip)
+  writer = None
   try:
+    if config.init_from and ckpt.latest_step() is None:
+      _check_init_from(config)
+    model, tx = create_model(config), make_optimizer(config.training)
+    objective = get_objective(config, model)
+    frozen = objective.load_frozen(mesh)
+    state = _initial_state(config, mesh, model, tx, ckpt, objective)
+    if is_main:  # only now: a command that fails leaves the run's config.json as it was
+      checkpoint.save_config(workdir, config)
+    start_step = int(state.step)
+    log.info('Model: %s parameters; %d devices, %d processes; starting at minibatch %d.',
+             f'{num_params(state.params):,}', jax.device_count(), jax.process_count(),
+             start_step)
+
+    train_step = make_train_step(config, mesh, model, tx, objective)
+    grid_sampler = sampling.make_grid_sampler(config, mesh, model)
+    training = config.training
+    progress = _Progress(start_step, training.num_steps, training.batch_size,
+                         updates_per_minibatch(config))
+    guard = _NonFiniteGuard(int(training.stop_after_nonfinite))
+    writer = _Writer(workdir)
+    buffered: list[dict[str, jax.Array]] = []
+    step = start_step
+    stream = data.BatchStream(source, training.batch_size, config.seed, mesh,
+                              start_step=start_step, random_flip=config.data.random_flip)
     with StopRequest() as stop, stream:
       while step < training.num_steps:
         state, metrics = train_step(state, next(stream), frozen)
         buffered.append(metrics)
         step += 1
         if step % training.log_every == 0 or step == training.num_steps:
-          values = _fetch_mean(buffered) | progress.tick(step)
+          values, stacked = _fetch_mean(buffered)
+          values |= progress.tick(step)
+          guard.observe(stacked, step - len(stacked), ckpt.latest_step())
           buffered = []
           writer.scalars(step, values)
           if is_main:
             adversarial_keys = ('clean_loss', 'delta_over_radius', 'grad_delta_norm')
             extra = ''.join(f' | {k} {values[k]:.4f}' for k in adversarial_keys
                             if 'delta_over_radius' in values)
+            if values['skipped_updates']:
+              extra += f' | skipped updates {values["skipped_updates"]}'
             print(f'step {step}/{training.num_steps} (updates {int(state.opt_step)}) | '
                   f'loss {values["loss"]:.4f}{extra} | '
                   f'{values["images_per_s"]:.0f} img/s | '
@@ -201,18 +251,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         preempted = stop.requested or (jax.process_count() > 1
                                        and ckpt.reached_preemption(step))
         if step % training.checkpoint_every == 0 or preempted:
-          ckpt.save(step, state)
+          save_checkpoint(ckpt, step, state)
         if preempted:
           log.warning('Stopped at minibatch %d; run the same command to resume.', step)
           return state
         if training.sample_every and step % training.sample_every == 0:
           _write_samples(grid_sampler, state, config, workdir, step, is_main)
     if ckpt.latest_step() != step:
-      ckpt.save(step, state)
+      save_checkpoint(ckpt, step, state)
     return state
   finally:
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+  """config.init_from is a run with a checkpoint and this config's network: one line,
+  before anything is built or compiled."""
+  if os.path.isfile(os.path.join(config.init_from, checkpoint.CONFIG_FILE)):
+    checkpoint.check_same_network(config, config.init_from, 'init_from',
+                                  'fine-tuning starts from its weights, so the networks and '
+                                  'noise processes must match')
+  try:
+    checkpoint.find_checkpoint(config.init_from)
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(f'config.init_from={config.init_from!r}: {e}') from e
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates the run's folder, or says in one line why it cannot be one."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f'--workdir={workdir!r}: cannot be a folder here: '
+                                 f'{e.strerror} ({e.filename})') from None
+
+
+_all_finite = jax.jit(all_finite)
+
+
+def save_checkpoint(ckpt: checkpoint.Checkpointer, step: int, state) -> None:
+  """Saves `state` unless a value of it is not finite: a checkpoint is always usable."""
+  if not bool(_all_finite(state)):
+    raise NonFiniteError(f'the train state at minibatch {step} holds non-finite values; it '
+                         f'was not saved (the last checkpoint, step {ckpt.latest_step()}, is '
+                         'kept)')
+  ckpt.save(step, state)
 
 
 def _write_samples(grid_sampler, state, config, workdir, step, is_main) -> None:

@@ -7,6 +7,10 @@ gradients with `lax.pmean` over 'data'. It is mapped over the mesh with `jax.sha
 under `jax.jit`; the state is donated, and the objective's frozen extras (a teacher's
 params) are an argument of every call, replicated, never constants of the program.
 
+An update whose loss or gradient is not finite is skipped inside the program (no host
+sync): params, optimizer state, EMA and objective state stay as they were;
+`metrics['nonfinite']` counts the skipped updates of the call for the host loop.
+
 Per-example keys make the draw (and the delta start) independent of how the batch is split
 across devices; only dropout masks depend on the device layout.
 """
@@ -91,10 +95,21 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
     batch = objective.draw(state.objective_state, frozen, images, labels, draw_keys,
                            state.opt_step)
 
-    def update(state: TrainState, grads, aux: dict) -> TrainState:
+    skipped = []  # one flag per update of this minibatch, gathered while tracing
+
+    def apply(state: TrainState, grads, aux: dict) -> TrainState:
       state = apply_update(state, grads, tx, ema_rates)
       return state.replace(objective_state=objective.after_update(
           state.objective_state, state.params, batch, aux))
+
+    def update(state: TrainState, grads, aux: dict) -> TrainState:
+      # grads are pmean'd and the loss flag psum'd: every device takes the same branch.
+      bad_loss = lax.psum(jnp.any(~jnp.isfinite(aux['losses'])).astype(jnp.int32), AXIS)
+      ok = (bad_loss == 0) & all_finite(grads)
+      skipped.append(~ok)
+      # A cond, not a select of the whole state: the skip costs nothing when all is finite
+      # and the update keeps updating its buffers in place.
+      return lax.cond(ok, apply, lambda state, *_: state, state, grads, aux)
 
     loss_fn = objective.loss_fn
     mask = objective.perturb_mask(batch).astype(images.dtype)[:, None, None, None]
@@ -111,7 +126,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
       out = replay.pgd(loss_fn, update, state, batch, pass_rng, delta0, mask, ball,
                        num_ascent)
 
-    metrics = {'loss': out.adv_loss, 'clean_loss': out.clean_loss}
+    metrics = {'loss': out.adv_loss, 'clean_loss': out.clean_loss,
+               'nonfinite': jnp.sum(jnp.stack(skipped).astype(jnp.int32))}
     if out.delta is not None:
       # Averages over the perturbed examples of the whole global batch.
       perturbed = mask[:, 0, 0, 0]
@@ -133,6 +149,13 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
     return mapped(state, batch['image'], batch['label'], frozen)
 
   return step
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point value of `tree` is finite (a scalar bool)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def updates_per_minibatch(config: ml_collections.ConfigDict) -> int:

@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 8
   data.channels = 1
   data.random_flip = False
+  data.verify_images = True     # folder: decode every file once before training
+  data.skip_unreadable = False  # folder: leave unreadable files out (and say how many)
 
   config.model = model = ml_collections.ConfigDict()
   model.ch = 32
@@ -65,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_samples = 64      # images in the sample grid
   training.sample_steps = 100    # steps of the grid: ancestral (consistency for cd, ct)
   training.multi_host = False    # call jax.distributed.initialize()
+  # A minibatch with a non-finite loss or gradient is skipped (all its updates); this many
+  # in a row stop the run (its last checkpoint is kept); 0: skip them and go on.
+  training.stop_after_nonfinite = 100
 
   # Adversarial training (the paper's method). method=none is standard training.
   config.adv = adv = ml_collections.ConfigDict()

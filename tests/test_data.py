@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from atdiff_jax import data
+from atdiff_jax.config import ConfigError
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -100,6 +101,26 @@ def test_folder_source_labels_crop_and_resize(tmp_path):
   assert np.all(np.abs(images[1].astype(int) - 128) <= 2)  # JPEG is lossy
   np.testing.assert_array_equal(images[2][:, 0], np.full((2, 3), 200))  # area average
   np.testing.assert_array_equal(images[2][:, 1], np.zeros((2, 3)))
+
+
+def test_unreadable_images_are_named_before_training_or_skipped_and_counted(tmp_path,
+                                                                           caplog):
+  for i in range(3):
+    _write_image(str(tmp_path / f'good{i}.png'), np.full((8, 8, 3), 40 * i, np.uint8))
+  whole = (tmp_path / 'good0.png').read_bytes()
+  (tmp_path / 'truncated.png').write_bytes(whole[:len(whole) // 2])
+  (tmp_path / 'zero.png').write_bytes(b'')
+  folder = _config(name='folder', path=str(tmp_path), image_size=8, channels=3)
+  with pytest.raises(ConfigError, match=r"config.data.path: 2 of 5 images under .* "
+                     r"cannot be read, the first .*truncated\.png.*skip_unreadable=True"):
+    data.create_source(folder)
+  folder.skip_unreadable = True
+  with caplog.at_level('WARNING'):
+    source = data.create_source(folder)
+  assert len(source) == 3
+  assert 'Skipped 2 unreadable images' in caplog.text
+  images, _ = source.get(np.arange(3))
+  np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 40, 80])
 
 
 def test_folder_source_flat_is_unlabeled_and_grey(tmp_path):
@@ -238,6 +259,8 @@ def _bad_inputs(tmp_path):
   (tmp_path / 'empty' / 'readme.txt').write_text('no images here')
   (tmp_path / 'broken').mkdir()
   (tmp_path / 'broken' / 'a.png').write_bytes(b'not a png')
+  with open(tmp_path / 'single.npz', 'wb') as f:  # np.save'd, then renamed
+    np.save(f, np.zeros((2, 8, 8, 1), np.uint8))
   return [
       (dict(name=''), 'name', 'required'),
       (dict(image_size=0), 'image_size', 'positive integer'),
@@ -255,7 +278,9 @@ def _bad_inputs(tmp_path):
       (dict(name='folder'), 'path', 'required'),
       (dict(name='folder', path=str(tmp_path / 'float.npz')), 'path', 'no such directory'),
       (dict(name='folder', path=str(tmp_path / 'empty')), 'path', 'no .* images found'),
-      (dict(name='folder', path=str(tmp_path / 'broken')), 'path', 'cannot read image'),
+      (dict(name='folder', path=str(tmp_path / 'broken')), 'path',
+       r'1 of 1 images .* cannot be read, the first .*a\.png'),
+      (dict(name='npz', path=str(tmp_path / 'single.npz')), 'path', 'a single .npy array'),
   ]
 
 

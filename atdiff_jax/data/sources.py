@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.resources
+import logging
 import os
 from typing import Any, Protocol, Sequence
 
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from atdiff_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 BUILTIN_NAMES = ('digits', 'npz', 'folder')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -91,9 +94,10 @@ def load_npz_source(path: str) -> ArraySource:
     arrays = np.load(path, allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except
     raise _config_error('path', f'cannot read {path!r} as .npz: {e}') from e
+  if not hasattr(arrays, 'files'):  # np.load gives a bare array for .npy content
+    raise _config_error('path', f'{path!r} holds a single .npy array; expected an .npz '
+                        "archive with the images under 'images' (np.savez(path, images=...))")
   with arrays:
-    if not hasattr(arrays, 'files'):
-      raise _config_error('path', f'{path!r} is a single .npy array, expected an .npz archive')
     key = next((k for k in _NPZ_IMAGE_KEYS if k in arrays.files), None)
     if key is None:
       raise _config_error('path', f'{path!r} has no image array under any of '
@@ -153,6 +157,7 @@ class FolderSource:
 
   When every image sits below an immediate subdirectory, its label is the index
   of that subdirectory among the sorted subdirectory names; otherwise unlabeled.
+  `unreadable()` decodes every file once; `drop(paths)` leaves some out.
   """
 
   _INLINE_BELOW = 16  # smaller reads are not worth a thread hop
@@ -187,19 +192,42 @@ class FolderSource:
     except Exception as e:  # pylint: disable=broad-except
       raise OSError(f'cannot read image {path!r}: {e}') from e
 
+  def _map(self, fn, indices: list[int]) -> list:
+    if len(indices) < self._INLINE_BELOW or self._num_threads <= 1:
+      return [fn(i) for i in indices]
+    if self._pool is None:  # PIL decodes outside the GIL, so threads help
+      self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads, 'image-decode')
+    return list(self._pool.map(fn, indices))
+
+  def unreadable(self) -> list[tuple[str, str]]:
+    """(path, reason) of every file that does not decode, in order."""
+
+    def problem(index: int) -> tuple[str, str] | None:
+      try:
+        self.read(index)
+        return None
+      except OSError as e:
+        return self._paths[index], str(e.__cause__ or e)
+
+    return [p for p in self._map(problem, list(range(len(self)))) if p is not None]
+
+  def drop(self, paths: set[str]) -> None:
+    """Leaves the files `paths` (as `unreadable` names them) out of the source."""
+    keep = [i for i, p in enumerate(self._paths) if p not in paths]
+    self._paths = [self._paths[i] for i in keep]
+    self._labels = self._labels[keep]
+
   def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     indices = [int(i) for i in np.asarray(indices).reshape(-1)]
-    if len(indices) < self._INLINE_BELOW or self._num_threads <= 1:
-      images = [self.read(i) for i in indices]
-    else:
-      if self._pool is None:  # PIL decodes outside the GIL, so threads help
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads, 'image-decode')
-      images = list(self._pool.map(self.read, indices))
+    images = self._map(self.read, indices)
     stacked = np.stack(images) if images else np.zeros((0, *self.image_shape), np.uint8)
     return stacked, self._labels[indices]
 
 
-def load_folder_source(path: str, image_size: int, channels: int) -> FolderSource:
+def load_folder_source(path: str, image_size: int, channels: int, verify: bool = True,
+                       skip_unreadable: bool = False) -> FolderSource:
+  """The images under `path`; with `verify`, every file is decoded once now, so that an
+  unreadable one is named before training starts (and left out with `skip_unreadable`)."""
   if not path:
     raise _config_error('path', "is required when data.name='folder'")
   if not os.path.isdir(path):
@@ -207,10 +235,26 @@ def load_folder_source(path: str, image_size: int, channels: int) -> FolderSourc
   source = FolderSource(path, image_size, channels)
   if not len(source):
     raise _config_error('path', f'no {"/".join(IMAGE_EXTENSIONS)} images found under {path!r}')
-  try:  # fail now, not mid-training, when the files are not images at all
-    source.read(0)
-  except OSError as e:
-    raise _config_error('path', str(e)) from e
+  if not verify:
+    try:  # fail now, not mid-training, when the files are not images at all
+      source.read(0)
+    except OSError as e:
+      raise _config_error('path', str(e)) from e
+    return source
+  log.info('Decoding the %d images under %s once, to find unreadable ones '
+           '(data.verify_images=False skips this).', len(source), path)
+  bad = source.unreadable()
+  if bad and not skip_unreadable:
+    first, reason = bad[0]
+    raise _config_error('path', f'{len(bad)} of {len(source)} images under {path!r} cannot be '
+                        f'read, the first {first!r}: {reason}; set data.skip_unreadable=True '
+                        'to train without them')
+  if bad:
+    source.drop({p for p, _ in bad})
+    log.warning('Skipped %d unreadable images under %s (the first: %s); %d remain.',
+                len(bad), path, bad[0][0], len(source))
+    if not len(source):
+      raise _config_error('path', f'none of the images under {path!r} can be read')
   return source
 
 
@@ -368,7 +412,9 @@ def create_source(data_config: Any) -> ImageSource:
     source = load_npz_source(path)
     _check_shape(source, image_size, channels, repr(path))
   elif name == 'folder':
-    source = load_folder_source(path, image_size, channels)
+    source = load_folder_source(path, image_size, channels,
+                                bool(_field(data_config, 'verify_images', True)),
+                                bool(_field(data_config, 'skip_unreadable', False)))
   else:
     split = _field(data_config, 'split', 'train') or 'train'
     data_dir = _field(data_config, 'tfds_data_dir') or None

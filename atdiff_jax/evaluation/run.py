@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atdiff_jax import checkpoint, samplers, sampling
+from atdiff_jax.samplers import options as sampler_options_lib
 from atdiff_jax import config as config_lib
 from atdiff_jax.models import create_model, inception
 from atdiff_jax.train_state import make_optimizer
@@ -213,9 +214,11 @@ def _fail(field: str, value: Any, why: str) -> None:
   raise config_lib.ConfigError(f'config.eval.{field}={value!r}: {why}')
 
 
-def _check_sampler(field: str, name: Any) -> None:
+def _check_sampler(field: str, name: Any, ev: ml_collections.ConfigDict) -> None:
+  """A known sampler, and options (config.eval.sampler_options) it can use."""
   if name not in samplers.SAMPLERS:
     _fail(field, name, f'must be one of {", ".join(samplers.SAMPLERS)}')
+  sampler_options_lib.check_config_options(ev)
 
 
 def _check_nfe(field: str, nfe: Any, num_timesteps: int) -> None:
@@ -265,7 +268,7 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
     _fail('ema_index', ev.ema_index, f'the run keeps {num_ema} EMA trees '
           f'(training.ema_rates={tuple(config.training.ema_rates)})')
   if mode == 'sample':
-    _check_sampler('sampler', ev.sampler)
+    _check_sampler('sampler', ev.sampler, ev)
     _check_nfe('nfe', ev.nfe, num_timesteps)
     _check_eps_scale('eps_scale', ev.eps_scale)
     if ev.sampler == 'consistency':
@@ -277,7 +280,7 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
     if not tuple(ev[field]):
       _fail(field, ev[field], 'must not be empty')
   for name in ev.samplers:
-    _check_sampler('samplers', name)
+    _check_sampler('samplers', name, ev)
   for nfe in ev.nfes:
     _check_nfe('nfes', nfe, num_timesteps)
   for value in ev.eps_scales:

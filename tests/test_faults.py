@@ -1,0 +1,429 @@
+"""Faults and recovery: kill -9 and SIGTERM mid-run, unreadable checkpoints, non-finite
+updates, and one clear line for every bad input.
+
+The kill loop and the SIGTERM test run the real command in subprocesses (one CPU device, a
+one-level U-Net, a compilation cache shared by the runs). They are marked `faults`:
+`pytest -m faults -s` runs them alone and prints the steps lost per kill.
+"""
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atdiff_jax import checkpoint, data, main, train
+from atdiff_jax.evaluation import load_run
+from atdiff_jax.models import create_model
+from atdiff_jax.train_state import make_optimizer
+from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
+                                   make_train_step)
+from conftest import ToyDenoiser, assert_trees_equal, tiny_config
+
+NUM_STEPS = 24
+TINY = ['--config=configs/quickstart.py', '--config.model.ch_mult=(1,)',
+        '--config.model.attn_resolutions=()', '--config.diffusion.num_timesteps=100',
+        '--config.training.batch_size=8', '--config.training.log_every=1',
+        '--config.training.checkpoint_every=3', '--config.training.keep_checkpoints=2',
+        '--config.training.sample_every=0', f'--config.training.num_steps={NUM_STEPS}']
+_STEP_LINE = re.compile(r'^step (\d+)/')
+_START_LINE = re.compile(r'starting at minibatch (\d+)')
+
+
+# ------------------------------------------------------------------ the real command
+
+
+@pytest.fixture(scope='module')
+def command_env(tmp_path_factory):
+  env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('xla_cache'))
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  env['PYTHONPATH'] = os.getcwd()
+  return env
+
+
+def _train(workdir, env, stop_at=None, sig=signal.SIGKILL, delay=0.0):
+  """Runs the train command; with `stop_at`, sends `sig` `delay` s after it logs that
+  minibatch. Returns (exit code, minibatch it started at, last minibatch it logged)."""
+  proc = subprocess.Popen([sys.executable, '-m', 'atdiff_jax.main', f'--workdir={workdir}',
+                           *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env)
+  start, last, lines, sent = None, None, [], False
+  # Read to the end, also after the signal: a stopping run still writes (a closed pipe would
+  # make its last lines fail).
+  for line in proc.stdout:
+    lines.append(line)
+    if start is None and _START_LINE.search(line):
+      start = int(_START_LINE.search(line).group(1))
+    match = _STEP_LINE.match(line)
+    if match and not sent:
+      last = int(match.group(1))
+      if stop_at is not None and last >= stop_at:
+        time.sleep(delay)
+        proc.send_signal(sig)
+        sent = True
+  proc.stdout.close()
+  code = proc.wait(timeout=120)
+  assert start is not None, ''.join(lines)
+  return code, start, last, ''.join(lines)
+
+
+def _saved_state(workdir, step=None):
+  """The whole TrainState of a checkpoint (default: the latest), on the host."""
+  config = checkpoint.load_config(workdir)
+  abstract = jax.eval_shape(make_init_fn(config, create_model(config),
+                                         make_optimizer(config.training)), jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(workdir, keep=100, async_save=False)
+  try:
+    return jax.device_get(ckpt.restore(abstract, step))
+  finally:
+    ckpt.close()
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, command_env):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  code, start, last, out = _train(workdir, command_env)
+  assert code == 0 and start == 0 and last == NUM_STEPS, out
+  return _saved_state(workdir)
+
+
+@pytest.mark.faults
+def test_kill_9_at_random_moments_then_the_same_command_ends_bit_for_bit(
+    tmp_path, command_env, uninterrupted):
+  rng = random.Random(0)
+  stops = sorted(set(rng.sample(range(2, NUM_STEPS - 2), 4)) | {9})  # 9: a save in flight
+  starts, lasts, intact = [], [], [0]
+  for stop_at in stops:
+    delay = 0.01 if stop_at % 3 == 0 else rng.uniform(0.0, 0.2)
+    code, start, last, out = _train(tmp_path, command_env, stop_at, signal.SIGKILL, delay)
+    assert code == -signal.SIGKILL, out
+    starts.append(start)
+    lasts.append(last)
+    intact.append(_latest_step(tmp_path))
+    assert intact[-1] >= intact[-2], intact  # no kill destroys a finished checkpoint
+  code, start, last, out = _train(tmp_path, command_env)
+  assert code == 0 and last == NUM_STEPS, out
+  starts.append(start)
+  assert starts[1:] == intact[1:], (starts, intact)  # each restart resumes from the newest
+  lost = [killed - resumed for killed, resumed in zip(lasts, starts[1:])]
+  # A checkpoint every 3; one save may be in flight and the next wait for it.
+  assert all(0 <= n <= 6 for n in lost), lost
+  assert_trees_equal(_saved_state(tmp_path), uninterrupted)
+  print(f'\nkill -9 after minibatches {lasts}: resumed from {starts[1:]}, minibatches lost per '
+        f'kill {lost} (a checkpoint every 3); finished checkpoints lost: 0')
+
+
+def _latest_step(workdir):
+  """The checkpoint a restart would resume from (the newest intact one)."""
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+  for step in reversed(steps):
+    try:
+      _saved_state(workdir, step)
+      return step
+    except checkpoint.CheckpointError:
+      continue
+  return 0
+
+
+@pytest.mark.faults
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tmp_path, command_env,
+                                                                   uninterrupted):
+  code, _, last, out = _train(tmp_path, command_env, 8, signal.SIGTERM)
+  assert code == 0, out
+  stopped = int(re.search(r'Stopped at minibatch (\d+)', out).group(1))
+  assert stopped >= last and _latest_step(tmp_path) == stopped
+  code, start, last, out = _train(tmp_path, command_env)
+  assert code == 0 and start == stopped and last == NUM_STEPS, out
+  assert_trees_equal(_saved_state(tmp_path), uninterrupted)
+
+
+# ------------------------------------------------------------------ unreadable checkpoints
+
+
+@pytest.fixture
+def loop_config(config):
+  """The host loop's plumbing on a one-level, attention-free U-Net: quick compiles."""
+  config.model.ch_mult = (1,)
+  config.model.attn_resolutions = ()
+  config.training.num_steps = 4
+  config.training.checkpoint_every = 2
+  config.training.keep_checkpoints = 3
+  return config
+
+
+def _damage(step_dir, how):
+  """Damages a finished checkpoint as an interrupted copy or a full disk would."""
+  files = sorted(p for p in step_dir.rglob('*') if p.is_file())
+  if how == 'truncated':  # every data file cut in half
+    for path in files:
+      if 'ocdbt' in str(path) or path.parent.name == 'd':
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  elif how == 'deleted':  # the array data gone
+    for path in files:
+      if path.parent.name == 'd':
+        path.unlink()
+  else:  # 'garbled': the metadata no longer parses
+    for path in files:
+      if path.name.endswith('metadata') or path.suffix == '.json' or 'manifest' in path.name:
+        path.write_bytes(b'{"garbled": ')
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """(a run's workdir with checkpoints at 2 and 4, its state at 4, its config)."""
+  config = tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.training.checkpoint_every, config.training.keep_checkpoints = 2, 3
+  workdir = tmp_path_factory.mktemp('finished')
+  return workdir, jax.device_get(train.train(config, str(workdir))), config
+
+
+@pytest.mark.parametrize('how', ['truncated', 'deleted', 'garbled'])
+def test_unreadable_latest_checkpoint_falls_back_to_the_newest_intact_one(
+    finished_run, tmp_path, how, caplog):
+  source, reference, config = finished_run
+  run = tmp_path / 'run'
+  shutil.copytree(source, run)
+  step_4 = run / 'checkpoints' / '4'
+  _damage(step_4, how)
+  damaged = {p.relative_to(step_4): p.read_bytes() for p in step_4.rglob('*') if p.is_file()}
+
+  with caplog.at_level('WARNING'):
+    state = train.train(config, str(run))
+  assert 'Checkpoint step 4 cannot be restored' in caplog.text
+  assert 'Resuming from checkpoint step 2, the newest intact one' in caplog.text
+  moved = run / 'checkpoints_unreadable' / '4'
+  assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob('*')
+          if p.is_file()} == damaged  # moved aside as it was, not deleted
+  # Minibatches 3 and 4 again, from step 2: the same state as never interrupted.
+  assert_trees_equal(state, reference)
+  assert int(state.step) == 4
+
+
+def test_a_checkpoint_of_another_model_is_an_error_and_nothing_moves(loop_config, tmp_path):
+  loop_config.training.num_steps = 2
+  train.train(loop_config, str(tmp_path))
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  loop_config.model.ch = 64
+  with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint step 2'):
+    train.train(loop_config, str(tmp_path))
+  assert sorted(str(p) for p in tmp_path.rglob('*')
+                if 'config.json' not in str(p)) == [p for p in before if 'config.json' not in p]
+
+
+# ------------------------------------------------------------------ non-finite updates
+
+
+def _checkpointed_states(workdir):
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')))
+  return {step: _saved_state(str(workdir), step) for step in steps}
+
+
+def _step_state_and_batch(config):
+  """The compiled step of the toy denoiser (the guard is the step's, not the model's), a
+  fresh state, clean images in the model's range and a batch builder."""
+  mesh, toy = make_mesh(), ToyDenoiser()
+  images, labels = data.create_source(config.data).get(np.arange(config.training.batch_size))
+  clean = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  batch = lambda x: {'image': x, 'label': jnp.asarray(labels)}
+  return (make_train_step(config, mesh, model=toy), create_train_state(config, mesh, model=toy),
+          clean, batch)
+
+
+def test_a_poisoned_minibatch_is_skipped_inside_the_step(loop_config):
+  """NaN pixels: the update is skipped in the program (params, optimizer, EMA unchanged)
+  and counted; the next clean minibatch updates as usual."""
+  step, state, clean, batch = _step_state_and_batch(loop_config)
+  before = jax.device_get(state)
+  poisoned = clean.at[3, 2, 2, 0].set(jnp.nan)
+  state, metrics = step(state, batch(poisoned))
+  after = jax.device_get(state)
+  assert int(metrics['nonfinite']) == 1
+  assert int(after.step) == 1 and int(after.opt_step) == 0  # the minibatch counts, no update
+  for field in ('params', 'opt_state', 'ema_params', 'objective_state'):
+    assert_trees_equal(getattr(after, field), getattr(before, field))
+  state, metrics = step(state, batch(clean))
+  assert int(metrics['nonfinite']) == 0 and int(state.opt_step) == 1
+  assert bool(all_finite(state.params))
+
+
+def test_free_at_skips_only_its_non_finite_passes(loop_config):
+  loop_config.adv.method, loop_config.adv.steps = 'free', 3
+  step, state, clean, batch = _step_state_and_batch(loop_config)
+  before = jax.device_get(state.params)
+  state, metrics = step(state, batch(clean.at[0, 0, 0, 0].set(jnp.inf)))
+  assert int(metrics['nonfinite']) == 3 and int(state.opt_step) == 0
+  assert_trees_equal(state.params, before)
+
+
+@pytest.mark.parametrize('limit', [0, 3])
+def test_a_diverging_run_never_writes_a_non_finite_checkpoint(loop_config, tmp_path, limit,
+                                                              capsys):
+  """lr 1e30: the first update sends the params to ~1e30, every later loss overflows. With a
+  limit the run stops after that many skipped minibatches in a row, naming the step and the
+  last checkpoint; without one it skips them all and finishes. Every checkpoint written is
+  finite either way."""
+  loop_config.training.lr = 1e30
+  loop_config.training.num_steps = 5
+  loop_config.training.log_every = 1
+  loop_config.training.checkpoint_every = 1
+  loop_config.training.keep_checkpoints = 20
+  loop_config.training.stop_after_nonfinite = limit
+  if limit:
+    with pytest.raises(train.NonFiniteError,
+                       match=r'stopped at minibatch 4: 3 minibatches in a row had a '
+                             r'non-finite loss or gradient.*the last checkpoint is step \d'):
+      train.train(loop_config, str(tmp_path))
+  else:
+    final = train.train(loop_config, str(tmp_path))
+    assert int(final.step) == 5 and int(final.opt_step) == 1
+  saved = _checkpointed_states(tmp_path)
+  assert saved and all(bool(all_finite(state)) for state in saved.values())
+  assert max(saved) == (3 if limit else 5)
+
+
+def test_the_command_exits_3_on_a_diverging_run(tmp_path, capsys):
+  code = main.cli(['atdiff_jax.main', f'--workdir={tmp_path}', *TINY[:-1],
+                   '--config.training.num_steps=6', '--config.training.lr=1e30',
+                   '--config.training.stop_after_nonfinite=2'])
+  assert code == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith('error: stopped at minibatch 3: 2 minibatches in a row')
+
+
+# ------------------------------------------------------------------ bad input, one line each
+
+
+QUICK = ['--config=configs/quickstart.py']
+# (name, the command line after --workdir, what the one line must say). {tmp} is a folder
+# holding the files of _bad_files.
+BAD_INPUTS = [
+    ('lr nan', ['--config.training.lr=nan'], r'config\.training\.lr=nan: must be a finite'),
+    ('lr inf', ['--config.training.lr=inf'], r'config\.training\.lr=inf: must be a finite'),
+    ('lr negative', ['--config.training.lr=-1e-3'], r'config\.training\.lr=-0\.001: must be'),
+    ('radius nan', ['--config.adv.radius=nan'], r'config\.adv\.radius=nan: must be a finite'),
+    ('step size inf', ['--config.adv.step_size=inf'], r'config\.adv\.step_size=inf'),
+    ('ema rates text', ["--config.training.ema_rates='0.999'"],
+     r"config\.training\.ema_rates=\('0\.999',\): must be a non-empty tuple of rates"),
+    ('ema rate 1', ['--config.training.ema_rates=(1.0,)'], r'config\.training\.ema_rates='),
+    ('unknown field', ['--config.training.learning_rate=1e-3'],
+     r'config\.training\.learning_rate: no such field; did you mean .*config\.training\.lr\b'),
+    ('unknown block', ['--config.optim.lr=1'],
+     r'config\.optim\.lr: no such field; did you mean config\.training\.lr'),
+    ('typo', ['--config.training.batchsize=8'],
+     r'config\.training\.batchsize: no such field; did you mean config\.training\.batch_size'),
+    ('wrong type', ['--config.training.num_steps=many'],
+     r'config\.training\.num_steps=many: must be an int\b'),
+    ('batch not divisible', ['--config.training.batch_size=12'],
+     r'config\.training\.batch_size=12: must be divisible by the number of devices \(8\)'),
+    ('batch zero', ['--config.training.batch_size=0'], r'config\.training\.batch_size=0'),
+    ('steps negative', ['--config.training.num_steps=-5'], r'config\.training\.num_steps=-5'),
+    ('seed negative', ['--config.seed=-1'], r'config\.seed=-1'),
+    ('seed fraction', ['--config.seed=1.5'], r'config\.seed=1\.5: must be an int\b'),
+    ('ch', ['--config.model.ch=40'], r'config\.model\.ch=40'),
+    ('ch_mult empty', ['--config.model.ch_mult=()'], r'config\.model\.ch_mult=\(\)'),
+    ('attention resolution', ['--config.model.attn_resolutions=(3,)'],
+     r'config\.model\.attn_resolutions='),
+    ('dtype', ['--config.model.dtype=float16'], r'config\.model\.dtype=.float16.: must be one'),
+    ('dropout', ['--config.model.dropout=1.0'], r'config\.model\.dropout=1\.0'),
+    ('remat', ['--config.model.remat=full'], r'config\.model\.remat=.full.'),
+    ('adv method', ['--config.adv.method=freelb'], r'config\.adv\.method=.freelb.'),
+    ('adv norm', ['--config.adv.norm=l1'], r'config\.adv\.norm=.l1.'),
+    ('adv steps', ['--config.adv.steps=0'], r'config\.adv\.steps=0'),
+    ('adv t_range', ['--config.adv.t_range=(5,)'], r'config\.adv\.t_range='),
+    ('schedule', ['--config.diffusion.schedule=quadratic'], r'config\.diffusion\.schedule='),
+    ('timesteps', ['--config.diffusion.num_timesteps=0'], r'config\.diffusion\.num_timesteps=0'),
+    ('timestep sampler', ['--config.training.timestep_sampler=importance'],
+     r'config\.training\.timestep_sampler='),
+    ('nonfinite limit', ['--config.training.stop_after_nonfinite=-1'],
+     r'config\.training\.stop_after_nonfinite=-1'),
+    ('objective', ['--config.objective=gan'], r'config\.objective=.gan.'),
+    ('cd without teacher', ['--config.objective=cd'], r'config\.teacher'),
+    ('cd teacher missing', ['--config.objective=cd', '--config.teacher={tmp}/nowhere'],
+     r'config\.teacher=.*nowhere.*: no such directory'),
+    ('target ema 1', ['--config.objective=ct', '--config.consistency.target_ema=1.0'],
+     r'config\.consistency\.target_ema=1\.0'),
+    ('cm points', ['--config.objective=ct', '--config.consistency.pairs=grid',
+                   '--config.consistency.num_points=1'], r'config\.consistency\.num_points=1'),
+    ('ddim eta', ['--config.eval.sampler_options.ddim.eta=-1'],
+     r'config\.eval\.sampler_options\.ddim\.eta=-1\.0: must be a finite number >= 0'),
+    ('solver order', ['--config.eval.sampler_options.dpm_solver_pp.order=5'],
+     r'config\.eval\.sampler_options\.dpm_solver_pp\.order=5: must be one of 1, 2, 3'),
+    ('data name', ['--config.data.name=nope'], r'config\.data\.name'),
+    ('image size', ['--config.data.image_size=7'],
+     r'config\.data\.image_size=7: must be divisible by 2\*\*1'),
+    ('npz missing', ['--config.data.name=npz', '--config.data.path={tmp}/missing.npz'],
+     r'config\.data\.path: .*no such file'),
+    ('npz single array', ['--config.data.name=npz', '--config.data.path={tmp}/single.npz'],
+     r'config\.data\.path: .*single\.npz.* holds a single \.npy array'),
+    ('unreadable image', ['--config.data.name=folder', '--config.data.path={tmp}/images',
+                          '--config.data.channels=3'],
+     r'config\.data\.path: 1 of 3 images .* cannot be read, the first .*bad\.png'),
+    ('init_from missing', ['--config.init_from={tmp}/nowhere'], r'config\.init_from=.*nowhere'),
+    ('init_from other model', ['--config.init_from={tmp}/wide_run'],
+     r'config\.model\.ch=32: the run config\.init_from=.*wide_run.* has model\.ch=128'),
+    ('no config file', ['--config={tmp}/nope.py'], r'--config=.*nope\.py: no such file'),
+    ('override without config', ['--config=', '--config.training.lr=1'], r'--config'),
+    ('workdir under a file', None, r'--workdir=.*a_file/run.*: cannot be a folder here'),
+]
+
+
+@pytest.fixture(scope='module')
+def bad_files(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('bad_inputs')
+  with open(tmp / 'single.npz', 'wb') as f:  # np.save'd, then renamed
+    np.save(f, np.zeros((4, 8, 8, 1), np.uint8))
+  (tmp / 'images').mkdir()
+  for i in range(2):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp / 'images' / f'ok{i}.png')
+  (tmp / 'images' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  (tmp / 'a_file').write_text('not a folder')
+  wide = tiny_config()
+  wide.model.ch = 128
+  (tmp / 'wide_run').mkdir()
+  checkpoint.save_config(str(tmp / 'wide_run'), wide)
+  return tmp
+
+
+def test_at_least_forty_bad_inputs():
+  assert len(BAD_INPUTS) >= 40
+
+
+@pytest.mark.parametrize('name,args,message', BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_before_anything_compiles(name, args, message, bad_files,
+                                                       tmp_path, capsys):
+  tmp = str(bad_files)
+  if args is None:  # the workdir itself is the problem
+    workdir, args = f'{tmp}/a_file/run', []
+  else:
+    workdir = str(tmp_path / 'run')
+  args = [a.replace('{tmp}', tmp) for a in args]
+  if not any(a.startswith('--config=') for a in args):
+    args = QUICK + args
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    code = main.cli(['atdiff_jax.main', f'--workdir={workdir}', *args])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2, err
+  assert len(err) == 1 and err[0].startswith('error: '), err
+  assert re.search(message, err[0]), err[0]
+  assert not compiles, (name, compiles)
+  written = os.path.join(workdir, 'checkpoints')
+  assert not os.path.isdir(written) or not os.listdir(written), name
+  assert not os.path.exists(os.path.join(workdir, 'config.json')), name
