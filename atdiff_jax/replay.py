@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from atdiff_jax import adversarial
+from atdiff_jax.parallel import AXIS
 from atdiff_jax.train_state import TrainState
 
-AXIS = 'data'
 
 LossFn = Callable[[Any, Any, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
 UpdateFn = Callable[[TrainState, Any, dict], TrainState]

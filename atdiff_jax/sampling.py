@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from atdiff_jax import samplers
+from atdiff_jax import parallel, samplers
 from atdiff_jax.config import is_consistency
 from atdiff_jax.diffusion import get_beta_schedule
 from atdiff_jax.diffusion.consistency import Parametrisation, as_eps_model
@@ -57,7 +57,7 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples:
   cycle through the labels.
   """
   model = create_model(config) if model is None else model
-  devices = mesh.shape['data']
+  devices = parallel.num_shards(mesh)
   n = math.ceil(num_samples / devices) * devices
   shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
   num_steps = num_steps or config.diffusion.num_timesteps

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from atdiff_jax import checkpoint, config as config_lib, data, images, sampling
+from atdiff_jax import checkpoint, config as config_lib, data, images, parallel, sampling
 from atdiff_jax.methods import check_frozen_sources, get_objective
 from atdiff_jax.samplers import options as sampler_options
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
-from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn,
                                    make_train_step, num_params, updates_per_minibatch)
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer, objec
   config.init_from (or the objective's default source, e.g. a distillation teacher)."""
   objective = get_objective(config, model) if objective is None else objective
   abstract = jax.eval_shape(make_init_fn(config, model, tx, objective), jax.random.key(0))
-  replicated = NamedSharding(mesh, P())
+  replicated = parallel.replicated(mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
   if ckpt.latest_step() is not None:

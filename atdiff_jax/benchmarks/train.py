@@ -15,15 +15,16 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from atdiff_jax import config as config_lib
+from atdiff_jax import config as config_lib, parallel
 from atdiff_jax.benchmarks import common
 from atdiff_jax.methods import get_objective
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
-from atdiff_jax.train_step import (AXIS, create_train_state, make_mesh, make_train_step,
-                                   num_params, updates_per_minibatch)
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import (create_train_state, make_train_step, num_params,
+                                   updates_per_minibatch)
 
 # Metrics that get a ratio to the `none` variant.
 RATIO_METRICS = ('s_per_call', 's_per_update', 'images_per_s', 'updates_per_s')
@@ -87,14 +88,14 @@ def synthetic_batch(config: ml_collections.ConfigDict, mesh: Mesh, seed: int = 0
   b, s, c = config.training.batch_size, config.data.image_size, config.data.channels
   images = rng.uniform(-1.0, 1.0, (b, s, s, c)).astype(np.float32)
   labels = rng.integers(0, max(1, config.model.num_classes), (b,)).astype(np.int32)
-  sharding = NamedSharding(mesh, P(AXIS))
+  sharding = parallel.batch_sharding(mesh)
   return {'image': jax.device_put(images, sharding), 'label': jax.device_put(labels, sharding)}
 
 
 def _starter(compiled, host_state, batch, frozen, mesh: Mesh):
   """A function that puts a fresh copy of the initial state on the devices and returns a
   call running one step on it (each call donates the state and keeps the new one)."""
-  replicated = NamedSharding(mesh, P())
+  replicated = parallel.replicated(mesh)
 
   def start():
     holder = [jax.device_put(host_state, replicated)]
@@ -147,7 +148,7 @@ def bench_train(config: ml_collections.ConfigDict,
   batch = synthetic_batch(config, mesh, config.seed)
   # A distillation teacher of the student's shape (its initial weights: same speed as any).
   frozen = jax.device_put(get_objective(config, model).init_frozen(host_state.params),
-                          NamedSharding(mesh, P()))
+                          parallel.replicated(mesh))
 
   rows, starts = [], []
   for variant, c in zip(variants, configs):
@@ -155,7 +156,7 @@ def bench_train(config: ml_collections.ConfigDict,
       log(f'train: compiling {variant.name}')
     step = make_train_step(c, mesh, model, tx)
     compiled, compile_s = common.time_compile(
-        step, jax.device_put(host_state, NamedSharding(mesh, P())), batch, frozen)
+        step, jax.device_put(host_state, parallel.replicated(mesh)), batch, frozen)
     start = _starter(compiled, host_state, batch, frozen, mesh)
     warm_start = time.perf_counter()
     common.warm_up(start(), max(warmup, 1))

@@ -8,11 +8,11 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
+from atdiff_jax import parallel
 from atdiff_jax.data.batching import load_host_batch, process_batch_slice, steps_per_epoch
 
-DATA_AXIS = 'data'
 _POLL_SECONDS = 0.1  # how often a blocked loader checks for close()
 
 
@@ -48,18 +48,16 @@ class BatchStream:
   """Endless iterator over sharded global batches, starting at `start_step`.
 
   Yields dict(image=float32 (B, H, W, C) in [-1, 1], label=int32 (B,)), both
-  sharded NamedSharding(mesh, P('data')). `step` is the index of the next batch.
+  sharded over the mesh's 'data' axis (parallel.batch_sharding). `step` is the index of the next batch.
   Batch `k` depends only on (seed, k), so resuming at step k is exact.
   """
 
   def __init__(self, source, global_batch_size: int, seed: int, mesh: Mesh,
                start_step: int = 0, random_flip: bool = True, prefetch: int = 2):
-    if DATA_AXIS not in mesh.axis_names:
-      raise ValueError(f"mesh axes {mesh.axis_names} lack the {DATA_AXIS!r} batch axis")
-    data_size = mesh.shape[DATA_AXIS]
+    data_size = parallel.num_shards(mesh)
     if global_batch_size % data_size:
       raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
-                       f'{data_size} devices of mesh axis {DATA_AXIS!r}')
+                       f'{data_size} devices of mesh axis {parallel.AXIS!r}')
     steps_per_epoch(len(source), global_batch_size)  # validates batch vs. data set
     if seed < 0 or start_step < 0 or prefetch < 1:
       raise ValueError(f'need seed >= 0, start_step >= 0, prefetch >= 1; got '
@@ -68,7 +66,7 @@ class BatchStream:
     self.global_batch_size = global_batch_size
     self.seed = seed
     self.random_flip = random_flip
-    self.sharding = NamedSharding(mesh, P(DATA_AXIS))
+    self.sharding = parallel.batch_sharding(mesh)
     self._rows = process_batch_slice(global_batch_size, jax.process_index(),
                                      jax.process_count())
     _check_rows_match_sharding(self.sharding, global_batch_size, self._rows)

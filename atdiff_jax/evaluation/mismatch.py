@@ -26,9 +26,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from atdiff_jax import samplers
+from atdiff_jax import parallel, samplers
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.generate import batch_labels
 from atdiff_jax.samplers import common
@@ -52,7 +52,7 @@ def make_mismatch_fn(model_fn: Callable[..., jax.Array], sampler: str, betas, nf
   """
   sample = samplers.get_sampler(sampler)
   shape = common.check_shape(shape)
-  sharding = None if mesh is None else NamedSharding(mesh, P(samplers.DATA_AXIS))
+  sharding = None if mesh is None else parallel.batch_sharding(mesh)
 
   def probe(rng, y, *model_args):
     bound = lambda x, t, labels: model_fn(x, t, labels, *model_args)

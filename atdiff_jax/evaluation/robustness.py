@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from atdiff_jax import adversarial, samplers
+from atdiff_jax import adversarial, parallel
 from atdiff_jax.samplers import common
 
 STEP_SIZE_FACTOR = 2.5  # PGD's usual step size, 2.5 radius / steps (Madry et al.)
@@ -111,7 +111,7 @@ def make_denoising_fn(model_fn: Callable[..., jax.Array], betas, timesteps: Sequ
            'alpha': jnp.asarray(np.sqrt(abar[ts]), jnp.float32),
            'sigma': jnp.asarray(np.sqrt(1.0 - abar[ts]), jnp.float32),
            'index': jnp.arange(ts.size, dtype=jnp.int32)}
-  sharding = None if mesh is None else NamedSharding(mesh, P(samplers.DATA_AXIS))
+  sharding = None if mesh is None else parallel.batch_sharding(mesh)
 
   def evaluate(rng, x0, y, *model_args):
     bound = lambda x, t, labels: model_fn(x, t, labels, *model_args)

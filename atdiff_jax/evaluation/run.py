@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from atdiff_jax import checkpoint, samplers, sampling
+from atdiff_jax import checkpoint, parallel, samplers, sampling
 from atdiff_jax.samplers import options as sampler_options_lib
 from atdiff_jax import config as config_lib
 from atdiff_jax.models import create_model, inception
 from atdiff_jax.train_state import make_optimizer
-from atdiff_jax.train_step import make_init_fn, make_mesh
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import make_init_fn
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Run:
     """
     config = self.config
     batch_size = self.default_batch_size if batch_size is None else int(batch_size)
-    devices = self.mesh.shape[samplers.DATA_AXIS]
+    devices = parallel.num_shards(self.mesh)
     if batch_size <= 0 or batch_size % devices:
       raise ValueError(f'batch_size {batch_size} must be a positive multiple of the '
                        f'{devices} devices')
@@ -93,7 +94,7 @@ class Run:
     num_classes = int(config.model.num_classes)
     default_labels = (jnp.arange(batch_size, dtype=jnp.int32) % num_classes
                       if num_classes else None)
-    batch_sharding = NamedSharding(self.mesh, P(samplers.DATA_AXIS))
+    batch_sharding = parallel.batch_sharding(self.mesh)
     clipped = jax.jit(lambda rng, labels, params: jnp.clip(sample(rng, labels, params),
                                                            -1.0, 1.0),
                       out_shardings=batch_sharding)
@@ -145,7 +146,7 @@ def load_run(workdir: str, step: int | None = None, use_ema: bool = True, ema_in
   model = create_model(config)
   abstract = jax.eval_shape(make_init_fn(config, model, make_optimizer(config.training)),
                             jax.random.key(0))
-  replicated = NamedSharding(mesh, P())
+  replicated = parallel.replicated(mesh)
   target_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract.params)
   params = checkpoint.restore_params(step_dir, target_params, ema_index if use_ema else None)

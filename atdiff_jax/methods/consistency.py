@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from atdiff_jax import checkpoint
+from atdiff_jax import checkpoint, parallel
 from atdiff_jax.config import ConfigError
 from atdiff_jax.diffusion import get_beta_schedule
 from atdiff_jax.diffusion.consistency import Parametrisation
@@ -244,7 +244,7 @@ class ConsistencyObjective(Objective):
     if not self.distil:
       return ()
     teacher_problems(self.config)
-    replicated = NamedSharding(mesh, P())
+    replicated = parallel.replicated(mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             self._abstract_params())
     step_dir = checkpoint.find_checkpoint(self.config.teacher)

@@ -28,8 +28,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from atdiff_jax import parallel
 from atdiff_jax.models.inception import (INCEPTION_SIZE, InceptionV3, load_inception,
                                          spatial_features)
 
@@ -93,13 +93,6 @@ def inception_outputs(model: InceptionV3, variables: dict, images: jax.Array,
   return features, logits, spatial_features(state['intermediates'])
 
 
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis 'data' over `devices` (default: all)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
 def make_feature_fn(model: InceptionV3, variables: dict, mesh: jax.sharding.Mesh | None = None,
                     quantize: bool = True, spatial: bool = False) -> FeatureFn:
   """A function images -> (features, logits or None) as float32 numpy arrays.
@@ -110,15 +103,12 @@ def make_feature_fn(model: InceptionV3, variables: dict, mesh: jax.sharding.Mesh
   replicated) and padded to a multiple of the mesh size; the padding is dropped
   from the outputs. Each new batch shape compiles once.
   """
-  mesh = data_mesh() if mesh is None else mesh
-  if 'data' not in mesh.axis_names:
-    raise ValueError(f"mesh needs an axis named 'data', has {mesh.axis_names}")
-  batch_sharding = NamedSharding(mesh, P('data'))
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  shards = parallel.num_shards(mesh)
+  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  variables = jax.device_put(variables, replicated)
   apply = jax.jit(lambda v, x: inception_outputs(model, v, x, quantize, spatial),
-                  in_shardings=(NamedSharding(mesh, P()), batch_sharding),
-                  out_shardings=batch_sharding)
-  shards = mesh.shape['data']
+                  in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
 
   def features(images):
     n = images.shape[0]

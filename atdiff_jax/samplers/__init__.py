@@ -13,9 +13,9 @@ import inspect
 from typing import Any, Callable, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
+from atdiff_jax import parallel
 from atdiff_jax.samplers import common
 from atdiff_jax.samplers.ancestral import sample_ancestral
 from atdiff_jax.samplers.common import PerturbFn, Trajectory
@@ -31,7 +31,6 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     'consistency': sample_consistency,
 }
 
-DATA_AXIS = 'data'
 
 
 def get_sampler(name: str) -> Callable[..., jax.Array]:
@@ -70,13 +69,11 @@ def make_sample_fn(model_fn: Callable[..., jax.Array],
   common.check_num_steps(num_steps)
   sharding = None
   if mesh is not None:
-    if DATA_AXIS not in mesh.axis_names:
-      raise ValueError(f"mesh has axes {mesh.axis_names}; expected a '{DATA_AXIS}' axis.")
-    num_shards = mesh.shape[DATA_AXIS]
+    num_shards = parallel.num_shards(mesh)
     if shape[0] % num_shards:
       raise ValueError(f'batch size {shape[0]} is not divisible by the {num_shards} devices '
-                       f"of the mesh axis '{DATA_AXIS}'.")
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
+                       f"of the mesh axis '{parallel.AXIS}'.")
+    sharding = parallel.batch_sharding(mesh)
 
   def sample(rng: jax.Array, y: jax.Array | None = None, *model_args: Any) -> jax.Array:
     if y is not None:
