@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Several GPU machines, one process per machine. Run the same command on every host with
-# its own rank; WORKDIR must be a path all hosts share (NFS, GCS via gcsfuse, ...).
+# Several machines, one process per machine. Run the same command on every host with its
+# own rank; WORKDIR must be a path all hosts share (NFS, GCS via gcsfuse, ...).
 #   COORDINATOR=host0:1234 NUM_HOSTS=4 HOST_RANK=0 ./launch/multi_host.sh CONFIG WORKDIR [...]
 # Under SLURM or Open MPI, jax.distributed.initialize() finds these by itself and the
-# three variables may be left unset.
+# three variables may be left unset. PYTHON picks the interpreter (default: python).
+# On CPUs (tests/test_multiprocess.py runs 2 processes on one machine this way), set
+# JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo for collectives across processes.
 set -euo pipefail
 config=$1 workdir=$2; shift 2
 cluster=()
@@ -11,5 +13,5 @@ if [[ -n "${COORDINATOR:-}" ]]; then
   cluster=(--coordinator_address="$COORDINATOR" --num_processes="${NUM_HOSTS:?set NUM_HOSTS}"
            --process_id="${HOST_RANK:?set HOST_RANK}")
 fi
-exec python -m atdiff_jax.main --config="$config" --workdir="$workdir" --mode=train \
-  --config.training.multi_host=True "${cluster[@]}" "$@"
+exec "${PYTHON:-python}" -m atdiff_jax.main --config="$config" --workdir="$workdir" \
+  --mode=train --config.training.multi_host=True "${cluster[@]}" "$@"

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from atdiff_jax import checkpoint, data, main, train
-from atdiff_jax.evaluation import load_run
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
