@@ -266,39 +266,35 @@ def test_free_at_skips_only_its_non_finite_passes(loop_config):
   assert_trees_equal(state.params, before)
 
 
-@pytest.mark.parametrize('limit', [0, 3])
-def test_a_diverging_run_never_writes_a_non_finite_checkpoint(loop_config, tmp_path, limit,
-                                                              capsys):
-  """lr 1e30: the first update sends the params to ~1e30, every later loss overflows. With a
-  limit the run stops after that many skipped minibatches in a row, naming the step and the
-  last checkpoint; without one it skips them all and finishes. Every checkpoint written is
-  finite either way."""
-  loop_config.training.lr = 1e30
-  loop_config.training.num_steps = 5
-  loop_config.training.log_every = 1
-  loop_config.training.checkpoint_every = 1
-  loop_config.training.keep_checkpoints = 20
-  loop_config.training.stop_after_nonfinite = limit
-  if limit:
-    with pytest.raises(train.NonFiniteError,
-                       match=r'stopped at minibatch 4: 3 minibatches in a row had a '
-                             r'non-finite loss or gradient.*the last checkpoint is step \d'):
-      train.train(loop_config, str(tmp_path))
-  else:
-    final = train.train(loop_config, str(tmp_path))
-    assert int(final.step) == 5 and int(final.opt_step) == 1
-  saved = _checkpointed_states(tmp_path)
-  assert saved and all(bool(all_finite(state)) for state in saved.values())
-  assert max(saved) == (3 if limit else 5)
-
-
-def test_the_command_exits_3_on_a_diverging_run(tmp_path, capsys):
-  code = main.cli(['atdiff_jax.main', f'--workdir={tmp_path}', *TINY[:-1],
+def test_a_diverging_run_stops_exit_3_and_never_writes_a_non_finite_checkpoint(tmp_path,
+                                                                              capsys):
+  """lr 1e30: the first update sends the params to ~1e30 and every later loss overflows. With
+  stop_after_nonfinite=2 the command stops at minibatch 3 with exit code 3, naming the last
+  checkpoint; every checkpoint it wrote is finite."""
+  args = [a for a in TINY if 'num_steps' not in a and 'checkpoint_every' not in a]
+  code = main.cli(['atdiff_jax.main', f'--workdir={tmp_path}', *args,
                    '--config.training.num_steps=6', '--config.training.lr=1e30',
+                   '--config.training.checkpoint_every=1', '--config.training.keep_checkpoints=9',
                    '--config.training.stop_after_nonfinite=2'])
   assert code == 3
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1].startswith('error: stopped at minibatch 3: 2 minibatches in a row')
+  assert err[-1].startswith('error: stopped at minibatch 3: 2 minibatches in a row had a '
+                            'non-finite loss or gradient'), err[-1]
+  assert 'the last checkpoint is step 2, kept as it was' in err[-1]
+  saved = _checkpointed_states(tmp_path)
+  assert sorted(saved) == [1, 2]
+  assert all(bool(all_finite(state)) for state in saved.values())
+  assert int(saved[2].opt_step) == 1  # minibatch 2's update was skipped
+
+
+def test_the_host_guard_counts_and_stops_only_with_a_limit():
+  skipped = [{'nonfinite': n} for n in (0, 3, 1, 2, 0, 1)]
+  train._NonFiniteGuard(0).observe(skipped, 0, None)  # pylint: disable=protected-access
+  guard = train._NonFiniteGuard(3)  # pylint: disable=protected-access
+  guard.observe(skipped[:2], 0, 2)
+  with pytest.raises(train.NonFiniteError, match='stopped at minibatch 4: 3 minibatches in a '
+                     r'row.*the last checkpoint is step 2'):
+    guard.observe(skipped[2:], 2, 2)  # the streak carries over from the last interval
 
 
 # ------------------------------------------------------------------ bad input, one line each
