@@ -3,8 +3,8 @@ guided-diffusion itself, and their outputs, so the importer can be checked again
 
   pip install torch guided-diffusion-sdk   # guided-diffusion's own package (with --no-deps
                                           # if its blobfile requirement gets in the way)
-  python -m atdiff_jax.tools.make_gd_fixtures --out=/tmp/gd_fixtures
-  ATDIFF_GD_FIXTURE=/tmp/gd_fixtures python -m pytest tests/test_import_adm.py -k fixture
+  python -m atdiff_jax.tools.make_gd_fixtures --out=gd_fixtures
+  ATDIFF_GD_FIXTURE=gd_fixtures python -m pytest tests/test_import_adm.py -k fixture
 
 For each model X it writes X.pt (the state dict), X.json (its flags under
 `create_model_and_diffusion_options`) and X_io.npz (x, t, y if class-conditional, and the
