@@ -240,10 +240,10 @@ class ConsistencyObjective(Objective):
     return {'teacher': self._abstract_params()} if self.distil else ()
 
   def load_frozen(self, mesh: Mesh):
-    """The teacher's EMA params (its first EMA tree, latest checkpoint), read-only."""
+    """The teacher's EMA params (its first EMA tree, latest checkpoint), read-only. The
+    teacher run was checked before the objective was built (methods.check_frozen_sources)."""
     if not self.distil:
       return ()
-    teacher_problems(self.config)
     replicated = parallel.replicated(mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             self._abstract_params())
