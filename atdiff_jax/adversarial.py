@@ -50,23 +50,29 @@ def norms(x: jax.Array, norm: str) -> jax.Array:
   return jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=1)
 
 
-def project(delta: jax.Array, ball: BallSpec) -> jax.Array:
-  """Nearest point of each sample's ball."""
+def project(delta: jax.Array, ball: BallSpec, scale: jax.Array | float = 1.0) -> jax.Array:
+  """Nearest point of each sample's ball; `scale` (per sample, broadcastable) multiplies the
+  radius, and a scale of 0 leaves only delta = 0."""
+  radius = ball.radius * scale
   if ball.norm == 'linf':
-    return jnp.clip(delta, -ball.radius, ball.radius)
+    return jnp.clip(delta, -radius, radius)
   norm = jnp.sqrt(_per_sample(jnp.sum, jnp.square(delta)))
-  return delta * jnp.minimum(1.0, ball.radius / jnp.maximum(norm, _TINY))
+  return delta * jnp.minimum(1.0, radius / jnp.maximum(norm, _TINY))
 
 
-def ascent_step(delta: jax.Array, grad: jax.Array, ball: BallSpec) -> jax.Array:
-  """One projected steepest-ascent step: g/|g|_2 per sample for L2, sign(g) for L-inf."""
+def ascent_step(delta: jax.Array, grad: jax.Array, ball: BallSpec,
+                scale: jax.Array | float = 1.0) -> jax.Array:
+  """One projected steepest-ascent step: g/|g|_2 per sample for L2, sign(g) for L-inf.
+
+  `scale` (per sample, broadcastable) multiplies both the radius and the step size.
+  """
   grad = grad.astype(delta.dtype)
   if ball.norm == 'linf':
     direction = jnp.sign(grad)
   else:
     norm = jnp.sqrt(_per_sample(jnp.sum, jnp.square(grad)))
     direction = grad / jnp.maximum(norm, _TINY)
-  return project(delta + ball.step_size * direction, ball)
+  return project(delta + (ball.step_size * scale) * direction, ball, scale)
 
 
 def init_delta(rng: jax.Array, shape, ball: BallSpec, init: str,

@@ -18,6 +18,8 @@ REMAT_MODES = ('none', 'attention', 'blocks')
 ADV_METHODS = ('none', 'free', 'pgd', 'fgsm')
 ADV_NORMS = ('l2', 'linf')
 ADV_RADIUS_SCALES = ('per_dim', 'absolute')
+ADV_RADIUS_SCHEDULES = ('constant', 'sigma')
+ADV_REPLAY_LOOPS = ('auto', 'unrolled', 'rolled')
 ADV_INITS = ('zero', 'uniform')
 ADV_TARGETS = ('original', 'delta', 'delta_detach')
 OBJECTIVES = ('dpm', 'cd', 'ct')
@@ -200,6 +202,11 @@ def validate_adversarial(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'adv.method', ADV_METHODS)
   _choice(config, 'adv.norm', ADV_NORMS)
   _choice(config, 'adv.radius_scale', ADV_RADIUS_SCALES)
+  # Both absent from runs made before they existed (constant, auto).
+  if 'radius_schedule' in config.adv:
+    _choice(config, 'adv.radius_schedule', ADV_RADIUS_SCHEDULES)
+  if 'replay_loop' in config.adv:
+    _choice(config, 'adv.replay_loop', ADV_REPLAY_LOOPS)
   _choice(config, 'adv.init', ADV_INITS)
   _choice(config, 'adv.target', ADV_TARGETS)
   _positive(config, 'adv.steps', integer=True)

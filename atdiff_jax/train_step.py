@@ -72,6 +72,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
   shape = image_shape(config)
   adv = config.adv
   ball = adversarial.BallSpec.from_config(adv, shape)
+  sigma_radius = adv.get('radius_schedule', 'constant') == 'sigma'
+  loop = replay.resolve_loop(adv.get('replay_loop', 'auto'), mesh.devices.flat[0].platform)
   ema_rates = tuple(config.training.ema_rates)
 
   def per_device(state: TrainState, images: jax.Array, labels: jax.Array, frozen):
@@ -89,46 +91,50 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
     batch = objective.draw(state.objective_state, frozen, images, labels, draw_keys,
                            state.opt_step)
 
-    skipped = []  # one flag per update of this minibatch, gathered while tracing
-
     def apply(state: TrainState, grads, aux: dict) -> TrainState:
       state = apply_update(state, grads, tx, ema_rates)
       return state.replace(objective_state=objective.after_update(
           state.objective_state, state.params, batch, aux))
 
-    def update(state: TrainState, grads, aux: dict) -> TrainState:
+    def update(state: TrainState, grads, aux: dict) -> tuple[TrainState, jax.Array]:
       # grads are pmean'd and the loss flag psum'd: every device takes the same branch.
       bad_loss = lax.psum(jnp.any(~jnp.isfinite(aux['losses'])).astype(jnp.int32), AXIS)
       ok = (bad_loss == 0) & all_finite(grads)
-      skipped.append(~ok)
       # A cond, not a select of the whole state: the skip costs nothing when all is finite
       # and the update keeps updating its buffers in place.
-      return lax.cond(ok, apply, lambda state, *_: state, state, grads, aux)
+      return lax.cond(ok, apply, lambda state, *_: state, state, grads, aux), ~ok
 
     loss_fn = objective.loss_fn
-    mask = objective.perturb_mask(batch).astype(images.dtype)[:, None, None, None]
+    # Per example: the multiple of the ball's radius (0 where the input stays clean).
+    scale = objective.perturb_mask(batch).astype(images.dtype)
+    if sigma_radius:
+      scale = scale * objective.input_sigma(batch).astype(images.dtype)
+    scale = scale[:, None, None, None]
     delta0 = jax.vmap(
         lambda k: adversarial.init_delta(k, (1,) + shape, ball, adv.init)[0])(delta_keys)
-    delta0 = delta0 * mask
+    delta0 = delta0 * scale
     if adv.method == 'none':
       out = replay.standard(loss_fn, update, state, batch, pass_rng)
     elif adv.method == 'free':
-      out = replay.free(loss_fn, update, state, batch, pass_rng, adv.steps, delta0, mask,
-                        ball)
+      out = replay.free(loss_fn, update, state, batch, pass_rng, adv.steps, delta0, scale,
+                        ball, loop)
     else:
       num_ascent = 1 if adv.method == 'fgsm' else adv.steps
-      out = replay.pgd(loss_fn, update, state, batch, pass_rng, delta0, mask, ball,
-                       num_ascent)
+      out = replay.pgd(loss_fn, update, state, batch, pass_rng, delta0, scale, ball,
+                       num_ascent, loop)
 
     metrics = {'loss': out.adv_loss, 'clean_loss': out.clean_loss,
-               'nonfinite': jnp.sum(jnp.stack(skipped).astype(jnp.int32))}
+               'nonfinite': out.skipped}
     if out.delta is not None:
       # Averages over the perturbed examples of the whole global batch.
-      perturbed = mask[:, 0, 0, 0]
+      radii = scale[:, 0, 0, 0] * ball.radius
+      perturbed = (radii > 0).astype(images.dtype)
       num_perturbed = lax.psum(jnp.sum(perturbed), AXIS)
-      ratio = adversarial.norms(out.delta, ball.norm) / max(ball.radius, 1e-12)
-      metrics['delta_over_radius'] = lax.psum(jnp.sum(ratio * perturbed), AXIS) / jnp.maximum(
+      delta_norms = adversarial.norms(out.delta, ball.norm)
+      mean_perturbed = lambda x: lax.psum(jnp.sum(x * perturbed), AXIS) / jnp.maximum(
           num_perturbed, 1.0)
+      metrics['delta_over_radius'] = mean_perturbed(delta_norms / jnp.maximum(radii, 1e-12))
+      metrics['delta_norm'] = mean_perturbed(delta_norms)
       metrics['perturbed_fraction'] = num_perturbed / (local_batch * lax.psum(1, AXIS))
       metrics['grad_delta_norm'] = lax.pmean(out.grad_delta_norm, AXIS)
     metrics['loss'] = lax.pmean(metrics['loss'], AXIS)

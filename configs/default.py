@@ -79,9 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
   adv.step_size = 0.1            # alpha, in the norm's own units
   adv.radius = 0.1               # eta
   adv.radius_scale = 'per_dim'   # per_dim: l2 radius = eta * sqrt(H*W*C); absolute: eta as is
+  # constant: the same ball at every t (the paper's); sigma: radius and step size times
+  # sigma_t, so the target's shift delta / sigma_t is at most eta per pixel at every t.
+  adv.radius_schedule = 'constant'
   adv.init = 'zero'              # zero | uniform (random start inside the ball)
   adv.target = 'delta_detach'    # original | delta | delta_detach
   adv.t_range = (0, -1)          # perturb timesteps t_min <= t <= t_max; -1 = the last one
+  # How the K passes compile: unrolled (K copies, fastest on CPU) | rolled (one loop body,
+  # ~K times less compile time) | auto (unrolled on CPU, rolled on GPU and TPU).
+  adv.replay_loop = 'auto'
 
   # DDPM-IP baseline: x_t built from eps + gamma * xi while the target stays eps.
   config.input_perturbation = ip = ml_collections.ConfigDict()

@@ -51,6 +51,18 @@ def test_l2_step_is_normalised_per_sample():
   np.testing.assert_allclose(adversarial.l2_norms(step), 0.25, rtol=1e-5)
 
 
+@pytest.mark.parametrize('norm', ['l2', 'linf'])
+def test_scale_multiplies_each_samples_radius_and_step(norm):
+  ball = _ball(norm, radius=0.5, step=0.5)
+  scale = jnp.array([0.0, 0.1, 0.5, 1.0, 2.0, 0.3])[:, None, None, None]
+  grad = jax.random.normal(jax.random.key(1), SHAPE)
+  delta = adversarial.ascent_step(jnp.zeros(SHAPE), grad, ball, scale)
+  # One step of the radius's length from 0 ends on each scaled boundary; scale 0 stays at 0.
+  np.testing.assert_allclose(adversarial.norms(delta, norm), 0.5 * scale[:, 0, 0, 0],
+                             rtol=1e-5)
+  assert not np.any(np.asarray(delta[0]))
+
+
 def test_linf_step_is_sign_and_clip():
   ball = _ball('linf', radius=0.5, step=0.3)
   grad = jax.random.normal(jax.random.key(0), SHAPE)

@@ -41,6 +41,9 @@ BAD_CASES = [
     ('adv.t_range', (50, 10), r'adv.t_range=\(50, 10\): must satisfy 0 <= t_min <= t_max'),
     ('adv.radius_scale', 'per_pixel', r'must be one of per_dim, absolute'),
     ('adv.init', 'gaussian', r'must be one of zero, uniform'),
+    ('adv.radius_schedule', 'linear', r'adv.radius_schedule=.linear.: must be one of constant, '
+     'sigma'),
+    ('adv.replay_loop', 'scan', r'adv.replay_loop=.scan.: must be one of auto, unrolled, rolled'),
     ('input_perturbation.gamma', -0.1, r'input_perturbation.gamma=-0.1: must be >= 0'),
     ('training.sample_steps', 500, r'training.sample_steps=500: must be <= diffusion.num_timesteps'),
 ]

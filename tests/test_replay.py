@@ -7,8 +7,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import conftest
-from atdiff_jax.train_step import (create_train_state, make_mesh, make_train_step,
-                                   updates_per_minibatch)
+from atdiff_jax import replay
+from atdiff_jax.train_step import (create_train_state, make_diffusion, make_mesh,
+                                   make_train_step, updates_per_minibatch)
 
 
 def micro_config(**adv):
@@ -49,8 +50,8 @@ def _step(config, devices=None, tx=None, warm=True, seed=0, model=TOY):
 
 
 def test_free_with_one_pass_is_the_standard_step():
-  standard, m_std = _step(micro_config(method='none'), model=None)
-  free, m_free = _step(micro_config(method='free', steps=1, radius=0.3), model=None)
+  standard, m_std = _step(micro_config(method='none'))
+  free, m_free = _step(micro_config(method='free', steps=1, radius=0.3))
   conftest.assert_trees_equal(standard, free)
   assert m_std['loss'] == m_free['loss']
 
@@ -122,9 +123,51 @@ def test_eight_devices_match_one(method):
   config = micro_config(method=method, steps=2, norm='l2', radius=0.3,
                         radius_scale='absolute', init='uniform')
   tx = optax.sgd(0.05)
-  model = None if method == 'free' else TOY  # the real U-Net once, the toy elsewhere
-  state8, m8 = _step(config, jax.devices(), tx=tx, model=model)
-  state1, m1 = _step(config, jax.devices()[:1], tx=tx, model=model)
+  # The toy denoiser: the U-Net's 8-vs-1 device test is in test_train_step.py.
+  state8, m8 = _step(config, jax.devices(), tx=tx)
+  state1, m1 = _step(config, jax.devices()[:1], tx=tx)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m8['delta_over_radius'], m1['delta_over_radius'], rtol=1e-4)
   conftest.assert_trees_equal(state8.params, state1.params, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'sigma'])
+def test_sigma_radius_schedule_scales_each_ball_by_sigma_t(schedule):
+  # Only t = 2 is perturbed, and one PGD step of the radius's length reaches the boundary:
+  # every perturbed delta has norm radius (constant) or radius * sigma_2 (sigma).
+  config = micro_config(method='pgd', steps=1, radius=0.3, step_size=0.3,
+                        radius_scale='absolute', t_range=(2, 2), radius_schedule=schedule)
+  config.diffusion.num_timesteps = 4
+  _, m = _step(config)
+  assert 0.0 < m['perturbed_fraction'] < 1.0
+  sigma_2 = float(make_diffusion(config).sigma(np.array([2]), ndim=1)[0])
+  assert 0.1 < sigma_2 < 0.99
+  expected = 0.3 * (sigma_2 if schedule == 'sigma' else 1.0)
+  np.testing.assert_allclose(m['delta_norm'], expected, rtol=1e-5)
+  np.testing.assert_allclose(m['delta_over_radius'], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['free', 'pgd'])
+def test_rolled_loop_runs_the_same_passes_as_unrolled(method):
+  # t >= 20: at the smallest t the target's delta / sigma_t (sigma ~ 0.01) magnifies the two
+  # programs' rounding differences in delta a hundredfold.
+  config = micro_config(method=method, steps=3, radius=0.3, step_size=0.2,
+                        radius_scale='absolute', init='uniform', t_range=(20, -1))
+  tx = optax.sgd(0.05)  # Adam would magnify rounding differences of near-zero gradients
+  config.adv.replay_loop = 'unrolled'
+  unrolled, m_unrolled = _step(config, tx=tx)
+  config.adv.replay_loop = 'rolled'
+  rolled, m_rolled = _step(config, tx=tx)
+  assert int(rolled.opt_step) == int(unrolled.opt_step) == updates_per_minibatch(config)
+  for key in ('loss', 'clean_loss', 'delta_over_radius', 'delta_norm', 'grad_delta_norm'):
+    np.testing.assert_allclose(m_rolled[key], m_unrolled[key], rtol=1e-5, err_msg=key)
+  assert m_rolled['nonfinite'] == m_unrolled['nonfinite'] == 0
+  conftest.assert_trees_equal(rolled, unrolled, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_loop_unrolls_on_cpu_only():
+  assert replay.resolve_loop('auto', 'cpu') == 'unrolled'
+  assert replay.resolve_loop('auto', 'gpu') == replay.resolve_loop('auto', 'tpu') == 'rolled'
+  assert replay.resolve_loop('rolled', 'cpu') == 'rolled'
+  with pytest.raises(ValueError, match='replay loop'):
+    replay.resolve_loop('scan')

@@ -34,6 +34,7 @@ def _run(config, devices, num_steps=2):
 
 def test_eight_devices_match_one(config):
   """Standard training with the loss-history sampler and labels (AT: test_replay.py)."""
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()  # the U-Net, compiled twice
   config.training.timestep_sampler = 'loss_second_moment'
   config.model.num_classes = 10
   state8, losses8 = _run(config, jax.devices())

@@ -13,6 +13,8 @@ none | free | pgd | fgsm) work with any `Objective`. An objective says:
 - `loss_fn(params, batch, delta, rng) -> (loss, aux)`: pure; `delta` (or None) shifts the
   network's input, `aux['losses']` holds the per-example losses;
 - `perturb_mask(batch)`: 1 for the examples whose input AT may perturb;
+- `input_sigma(batch)`: the noise level sigma_t of each example's perturbed input (for a
+  radius that scales with it, `config.adv.radius_schedule = 'sigma'`);
 - `after_update(objective_state, params, batch, aux)`: what follows each optimizer update
   (the timestep sampler's update; the target network's EMA). It runs inside the per-device
   body and may use collectives over the mesh axis.
@@ -76,6 +78,10 @@ class Objective(abc.ABC):
   def perturb_mask(self, batch: Batch) -> jax.Array:
     """(B,) float: 1 where AT may perturb the example's input (default: everywhere)."""
     return jax.numpy.ones((batch['x0'].shape[0],), batch['x0'].dtype)
+
+  @abc.abstractmethod
+  def input_sigma(self, batch: Batch) -> jax.Array:
+    """(B,) float: the noise standard deviation sigma_t in the input that AT perturbs."""
 
   def after_update(self, objective_state: Any, params: Any, batch: Batch,
                    aux: dict) -> Any:

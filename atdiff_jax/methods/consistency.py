@@ -329,6 +329,9 @@ class ConsistencyObjective(Objective):
     t_min, t_max = self.adv_t_range
     return ((batch['t'] >= t_min) & (batch['t'] <= t_max)).astype(batch['x0'].dtype)
 
+  def input_sigma(self, batch):
+    return self.vp.sigma(batch['t'])
+
   def after_update(self, objective_state, params, batch, aux):
     if self.mu == 0:
       return objective_state

@@ -127,6 +127,9 @@ class DPMObjective(Objective):
     t_min, t_max = self.t_range
     return ((batch['t'] >= t_min) & (batch['t'] <= t_max)).astype(batch['x0'].dtype)
 
+  def input_sigma(self, batch):
+    return self.diffusion.sigma(batch['t'], ndim=1)
+
   def after_update(self, objective_state, params, batch, aux):
     del params
     if not self.sampler.is_adaptive:
