@@ -1,19 +1,23 @@
-"""Benchmark: `python -m atdiff_jax.bench --config=configs/X.py [--what=train,sample,inception]`.
+"""Benchmark: `python -m atdiff_jax.bench --config=configs/X.py [--what=train,sample,...]`.
 
-Measures, on the current backend, the train step under each adversarial-training variant,
-the samplers at a fixed NFE and Inception feature extraction, then prints a markdown
-header and one table per part (progress goes to stderr); `--json` keeps every number.
+Measures, on the current backend, the train step under each adversarial-training variant
+(compile time, speed, MFU, memory; optionally with a rolled replay loop or remat), the
+samplers at a fixed NFE, Inception feature extraction, and the FID pipeline end to end
+(sampling + Inception + Frechet distance). It prints a markdown header, then each part's
+table as soon as the part is done, so a run cut short still shows what it measured
+(progress goes to stderr); `--json` keeps every number, rewritten after each part.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-PARTS = ('train', 'sample', 'inception')
+PARTS = ('train', 'sample', 'inception', 'fid')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WHAT = flags.DEFINE_list('what', list(PARTS), f'Parts to run, any of {", ".join(PARTS)}.')
@@ -22,8 +26,15 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each variant befor
                                lower_bound=0)
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds over all variants; the best counts.',
                                 lower_bound=1)
-_VARIANTS = flags.DEFINE_string('variants', 'none,free:3,pgd:1,pgd:3,fgsm',
-                                'AT variants of the train part, method[:K], comma-separated.')
+_VARIANTS = flags.DEFINE_string(
+    'variants', 'none,free:3,pgd:1,pgd:3,fgsm',
+    'AT variants of the train part, comma-separated: method[:K][@unrolled|@rolled]'
+    '[@remat=none|attention|blocks], e.g. free:3@rolled or none@remat=blocks.')
+_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device for the '
+                                  'MFU; 0: from a table of known devices.', lower_bound=0.0)
+_FID_SAMPLES = flags.DEFINE_integer('fid_samples', 10_000, 'Samples of the fid part.',
+                                    lower_bound=1)
+_FID_SAMPLER = flags.DEFINE_string('fid_sampler', 'dpm_solver++', 'Sampler of the fid part.')
 _SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim', 'dpm_solver++'],
                               'Samplers of the sample part.')
 _NFE = flags.DEFINE_integer('nfe', 10, 'Model evaluations per sample.', lower_bound=1)
@@ -32,6 +43,8 @@ _INCEPTION_WEIGHTS = flags.DEFINE_string(
 _INCEPTION_BATCH = flags.DEFINE_integer(
     'inception_batch', 0, 'Inception batch; 0: the config\'s training batch size.',
     lower_bound=0)
+_HEADER = flags.DEFINE_bool('header', True, 'Print the header (backend, versions, config); '
+                            '--noheader when appending to an earlier report.')
 _JSON = flags.DEFINE_string('json', '', 'Also write every number to this JSON file.')
 flags.mark_flags_as_required(['config'])
 
@@ -57,41 +70,51 @@ def main(argv):
     variants = benchmarks.parse_variants(_VARIANTS.value)
   except ValueError as e:
     raise app.UsageError(f'--variants: {e}') from None
-  unknown = set(_SAMPLERS.value) - set(benchmarks.SAMPLERS)
+  unknown = set(_SAMPLERS.value + [_FID_SAMPLER.value]) - set(benchmarks.SAMPLERS)
   if unknown:
     raise app.UsageError(f'--samplers: unknown {", ".join(sorted(unknown))}; '
                          f'allowed: {", ".join(benchmarks.SAMPLERS)}')
-  if 'sample' in _WHAT.value and _NFE.value > config.diffusion.num_timesteps:
+  if {'sample', 'fid'} & set(_WHAT.value) and _NFE.value > config.diffusion.num_timesteps:
     raise app.UsageError(f'--nfe={_NFE.value} exceeds config.diffusion.num_timesteps='
                          f'{config.diffusion.num_timesteps}')
 
   results = {'environment': benchmarks.environment(config, config_name)}
-  tables = []
+  if _HEADER.value:
+    print(benchmarks.format_header(results['environment'], steps=steps, warmup=warmup,
+                                   repeats=repeats), flush=True)
+
+  def done(part: str, result: dict, table: str) -> None:
+    results[part] = result
+    print('\n' + table, flush=True)
+    if _JSON.value:
+      tmp = f'{_JSON.value}.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(results, f, indent=2)
+      os.replace(tmp, _JSON.value)
+
   try:
     if 'train' in _WHAT.value:
-      results['train'] = benchmarks.bench_train(config, variants, steps, warmup, repeats,
-                                                log=_log)
-      tables.append(benchmarks.format_train_table(results['train']))
+      result = benchmarks.bench_train(config, variants, steps, warmup, repeats, log=_log,
+                                      peak_tflops=_PEAK_TFLOPS.value)
+      done('train', result, benchmarks.format_train_table(result))
     if 'sample' in _WHAT.value:
-      results['sample'] = benchmarks.bench_sample(config, _SAMPLERS.value, _NFE.value, steps,
-                                                  warmup, repeats, log=_log)
-      tables.append(benchmarks.format_sample_table(results['sample']))
+      result = benchmarks.bench_sample(config, _SAMPLERS.value, _NFE.value, steps, warmup,
+                                       repeats, log=_log)
+      done('sample', result, benchmarks.format_sample_table(result))
     if 'inception' in _WHAT.value:
-      results['inception'] = benchmarks.bench_inception(
-          _INCEPTION_BATCH.value or config.training.batch_size, steps, warmup,
-          repeats, _INCEPTION_WEIGHTS.value, log=_log)
-      tables.append(benchmarks.format_inception_table(results['inception']))
+      result = benchmarks.bench_inception(
+          _INCEPTION_BATCH.value or config.training.batch_size, steps, warmup, repeats,
+          _INCEPTION_WEIGHTS.value, log=_log)
+      done('inception', result, benchmarks.format_inception_table(result))
+    if 'fid' in _WHAT.value:
+      result = benchmarks.bench_fid_pipeline(
+          config, _FID_SAMPLES.value, _FID_SAMPLER.value, _NFE.value,
+          _INCEPTION_BATCH.value, _INCEPTION_WEIGHTS.value, log=_log)
+      done('fid', result, benchmarks.format_fid_table(result))
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-
-  part = results.get('train') or results.get('sample') or {}
-  header = benchmarks.format_header(results['environment'], part.get('num_params'),
-                                    steps, warmup, repeats)
-  print('\n\n'.join([header] + tables), flush=True)
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(results, f, indent=2)
     _log(f'wrote {_JSON.value}')
 
 

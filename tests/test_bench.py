@@ -1,8 +1,8 @@
 """Benchmark smoke test: result structure and reporting (speed is never asserted)."""
 import pytest
 
-from atdiff_jax.benchmarks import (Variant, bench_train, format_train_table, parse_variants,
-                                   variant_config)
+from atdiff_jax.benchmarks import (Variant, bench_train, format_fid_table, format_train_table,
+                                   parse_variants, variant_config)
 from conftest import ToyDenoiser, tiny_config
 
 
@@ -10,9 +10,21 @@ def test_parse_variants():
   assert parse_variants('free:3, pgd:1,fgsm') == (
       Variant('none'), Variant('free', 3), Variant('pgd', 1), Variant('fgsm'))
   assert [v.name for v in parse_variants('none,pgd:3')] == ['none', 'pgd K=3']
-  for bad in ('bogus', 'free', 'pgd:0', 'fgsm:2', 'free:x'):
+  for bad in ('bogus', 'free', 'pgd:0', 'fgsm:2', 'free:x', 'free:3@scan', 'none@remat=all'):
     with pytest.raises(ValueError):
       parse_variants(bad)
+
+
+def test_parse_variant_options():
+  variants = parse_variants('free:3@rolled,none@remat=blocks,pgd:2@unrolled@remat=attention')
+  assert variants == (Variant('none'), Variant('free', 3, loop='rolled'),
+                      Variant('none', remat='blocks'),
+                      Variant('pgd', 2, loop='unrolled', remat='attention'))
+  assert [v.name for v in variants[1:]] == [
+      'free K=3 (rolled)', 'none (remat blocks)', 'pgd K=2 (unrolled, remat attention)']
+  assert [v.passes for v in variants] == [1, 3, 1, 3]
+  derived = variant_config(tiny_config(), variants[3])
+  assert (derived.adv.replay_loop, derived.model.remat) == ('unrolled', 'attention')
 
 
 def test_variant_config_changes_only_adv():
@@ -52,6 +64,13 @@ def test_bench_train_structure():
   assert free['ratio_to_none']['updates_per_s'] == pytest.approx(
       k * none['s_per_call'] / free['s_per_call'])
 
+  # MFU needs a FLOP count (XLA:CPU has one) and a peak: none for CPUs unless given.
+  assert result['model_flops_per_image'] > 0 and result['peak_flops_per_device'] is None
+  assert none['mfu'] is None and none['xla_flops_per_call'] > 0
+  # free K=2 does twice the passes of none: twice its model FLOPs per call.
+  assert free['model_flops_per_s'] * free['s_per_call'] == pytest.approx(
+      2 * none['model_flops_per_s'] * none['s_per_call'])
+
   table = format_train_table(result).splitlines()
   assert table[0].startswith('| AT variant |')
   assert table[2].startswith('| none | 1 |') and table[2].count('(1.00×)') == 4
@@ -62,3 +81,26 @@ def test_bench_train_structure():
 def test_bench_train_needs_none_first():
   with pytest.raises(ValueError, match='none'):
     bench_train(tiny_config(), (Variant('free', 2),), steps=1, warmup=0)
+
+
+def test_mfu_uses_the_given_peak_and_the_remat_variant_its_own_model():
+  config = tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  result = bench_train(config, (Variant('none'), Variant('none', remat='blocks')), steps=1,
+                       warmup=1, repeats=1, peak_tflops=0.001)
+  none, remat = result['variants']
+  assert result['peak_flops_per_device'] == 1e9
+  assert none['mfu'] == pytest.approx(none['model_flops_per_s'] / 1e9)
+  assert (none['remat'], remat['remat']) == ('none', 'blocks')
+  assert remat['name'] == 'none (remat blocks)' and remat['passes_per_call'] == 1
+  assert '%' in format_train_table(result).splitlines()[2]
+
+
+def test_fid_table():
+  row = format_fid_table({
+      'sampler': 'dpm_solver++', 'nfe': 10, 'num_samples': 10_000, 'batch_size': 1000,
+      'weights': 'random', 'compile_s': 12.3, 'seconds': 8.0, 'images_per_s': 1250.0,
+      'extrapolated_50k_s': 40.0, 'fid': 1.0,
+      'peak_memory': {'kind': 'device_peak', 'bytes': 2**30}}).splitlines()[2]
+  assert row == ('| dpm_solver++ NFE 10 + Inception (random weights) | 10,000 | 1000 | 12.3 | '
+                 '8.0 | 1,250 | 40 | 1,024.0 |')

@@ -1,12 +1,15 @@
-"""Speed and memory benchmarks: the train step under each AT variant, samplers, Inception.
+"""Speed and memory benchmarks: the train step under each AT variant, samplers, Inception,
+the FID pipeline end to end.
 
 `python -m atdiff_jax.bench` is the command line; each part is also a plain function
 returning JSON-ready dicts, and `report` turns them into markdown tables.
 """
 from atdiff_jax.benchmarks.common import environment
+from atdiff_jax.benchmarks.fid_pipeline import bench_fid_pipeline
 from atdiff_jax.benchmarks.inception import bench_inception
-from atdiff_jax.benchmarks.report import (format_header, format_inception_table,
-                                          format_sample_table, format_train_table)
+from atdiff_jax.benchmarks.report import (format_fid_table, format_header,
+                                          format_inception_table, format_sample_table,
+                                          format_train_table)
 from atdiff_jax.benchmarks.sample import bench_sample
 from atdiff_jax.samplers import SAMPLERS
 from atdiff_jax.benchmarks.train import (DEFAULT_VARIANTS, Variant, bench_train, parse_variants,
@@ -16,10 +19,12 @@ __all__ = [
     'DEFAULT_VARIANTS',
     'SAMPLERS',
     'Variant',
+    'bench_fid_pipeline',
     'bench_inception',
     'bench_sample',
     'bench_train',
     'environment',
+    'format_fid_table',
     'format_header',
     'format_inception_table',
     'format_sample_table',

@@ -84,6 +84,41 @@ def compiled_memory(compiled) -> dict[str, int] | None:
   return out
 
 
+def compiled_flops(compiled) -> float | None:
+  """XLA's count of one device's floating-point operations in a compiled program, when the
+  backend has a cost analysis (a while loop's body is counted once)."""
+  try:
+    cost = compiled.cost_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    return None
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+# Dense peak FLOP/s per device for the compute dtype, from the vendors' data sheets (bf16
+# with tensor cores / MXU; float32 on GPUs: without TF32). Longest matching prefix wins.
+_PEAK_FLOPS = {
+    'bfloat16': {'NVIDIA H200': 989e12, 'NVIDIA H100': 989e12, 'NVIDIA A100': 312e12,
+                 'NVIDIA L4': 121e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+                 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12,
+                 'TPU v6 lite': 918e12, 'TPU v6e': 918e12},
+    'float32': {'NVIDIA H200': 67e12, 'NVIDIA H100': 67e12, 'NVIDIA A100': 19.5e12},
+}
+
+
+def peak_flops(device, dtype: str, override_tflops: float = 0.0) -> float | None:
+  """The device's peak FLOP/s for `dtype` (None when unknown, e.g. CPUs); `override_tflops`
+  > 0 replaces the table (a device it does not list, or another definition of peak)."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  table = _PEAK_FLOPS.get(str(dtype), {})
+  kind = getattr(device, 'device_kind', '')
+  matches = [k for k in table if kind.startswith(k)]
+  return table[max(matches, key=len)] if matches else None
+
+
 def peak_memory() -> dict[str, Any]:
   """The process's peak memory so far (a running maximum: it never goes down).
 

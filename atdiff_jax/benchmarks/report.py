@@ -67,20 +67,35 @@ def format_train_table(result: dict[str, Any]) -> str:
   rows = result['variants']
   peak = _peak_label(rows)
   header = ['AT variant', 'updates / call', 'compile (s)', 'ms / call', 'ms / update',
-            'images / s', 'updates / s', 'XLA MiB / device', f'{peak} MiB']
+            'images / s', 'updates / s', 'MFU', 'XLA MiB / device', f'{peak} MiB']
   body = [[r['name'], str(r['updates_per_call']), f'{r["compile_s"]:.1f}',
            f'{_sig(r["s_per_call"] * 1e3)} ({_ratio(r, "s_per_call")})',
            f'{_sig(r["s_per_update"] * 1e3)} ({_ratio(r, "s_per_update")})',
            f'{_sig(r["images_per_s"])} ({_ratio(r, "images_per_s")})',
-           f'{_sig(r["updates_per_s"])} ({_ratio(r, "updates_per_s")})'] + _memory_cells(r)
+           f'{_sig(r["updates_per_s"])} ({_ratio(r, "updates_per_s")})',
+           _percent(r.get('mfu'))] + _memory_cells(r)
           for r in rows]
+  flops = result.get('model_flops_per_image')
+  peak_flops = result.get('peak_flops_per_device')
+  mfu_note = (f'MFU: the model\'s {_sig(flops / 1e9)} GFLOP per image and pass (forward, '
+              'backward, update: XLA\'s count of the `none` step) times the passes per call '
+              '(free K, pgd K+1, fgsm 2), over the time per call and '
+              + (f'the device\'s peak {_sig(peak_flops / 1e12)} TFLOP/s.' if peak_flops
+                 else 'the device\'s peak, unknown here (--peak_tflops).')) if flops else (
+                     'MFU: this backend has no FLOP count.')
   lines = _table(header, body) + [
       '',
-      f'Train step, global batch {result["batch_size"]}; (×) = ratio to `none`. '
+      f'Train step, {result["num_params"] / 1e6:.2f}M params, global batch '
+      f'{result["batch_size"]}; (×) = ratio to `none`. '
       'XLA MiB / device: arguments + outputs − donated + temporaries of the compiled step. '
-      f'{peak[0].upper() + peak[1:]}: running maximum of the process, in the order above.',
+      f'{peak[0].upper() + peak[1:]}: running maximum of the process, in the order above. '
+      + mfu_note,
   ]
   return '\n'.join(lines)
+
+
+def _percent(x: float | None) -> str:
+  return 'n/a' if x is None else f'{100 * x:.1f}%'
 
 
 def format_sample_table(result: dict[str, Any]) -> str:
@@ -105,3 +120,17 @@ def format_inception_table(result: dict[str, Any]) -> str:
          _mib(result['peak_memory']['bytes'])]
   return '\n'.join(_table(header, [row]) + [
       '', 'Host uint8 images in, host features out; first call includes compiling.'])
+
+
+def format_fid_table(result: dict[str, Any]) -> str:
+  label = _PEAK_LABELS.get(result['peak_memory']['kind'], result['peak_memory']['kind'])
+  header = ['FID pipeline', 'samples', 'batch', 'first batch (s)', 'seconds', 'images / s',
+            '50k extrapolated (s)', f'{label} MiB']
+  row = [f'{result["sampler"]} NFE {result["nfe"]} + Inception ({result["weights"]} weights)',
+         f'{result["num_samples"]:,}', str(result['batch_size']), f'{result["compile_s"]:.1f}',
+         f'{result["seconds"]:.1f}', _sig(result['images_per_s']),
+         f'{result["extrapolated_50k_s"]:.0f}', _mib(result['peak_memory']['bytes'])]
+  return '\n'.join(_table(header, [row]) + [
+      '', 'Sampling (random-init U-Net), uint8 to the host, Inception features and the '
+      '2048-d Frechet distance, as one eval cell runs them; the first batch compiles and is '
+      'not timed.'])

@@ -23,6 +23,7 @@ from atdiff_jax.methods import get_objective
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.parallel import make_mesh
+from atdiff_jax.replay import resolve_loop
 from atdiff_jax.train_step import (create_train_state, make_train_step, num_params,
                                    updates_per_minibatch)
 
@@ -32,29 +33,57 @@ RATIO_METRICS = ('s_per_call', 's_per_update', 'images_per_s', 'updates_per_s')
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One AT setting: `method` in none | free | pgd | fgsm and its K (`adv.steps`)."""
+  """One AT setting: `method` in none | free | pgd | fgsm and its K (`adv.steps`), and
+  optionally how its passes compile (`adv.replay_loop`) and what the U-Net recomputes
+  (`model.remat`); None keeps the config's."""
   method: str
   steps: int = 1
+  loop: str | None = None
+  remat: str | None = None
 
   @property
   def name(self) -> str:
-    return self.method if self.method in ('none', 'fgsm') else f'{self.method} K={self.steps}'
+    name = self.method if self.method in ('none', 'fgsm') else f'{self.method} K={self.steps}'
+    options = [o for o in (self.loop, self.remat and f'remat {self.remat}') if o]
+    return f'{name} ({", ".join(options)})' if options else name
+
+  @property
+  def passes(self) -> int:
+    """Forward/backward passes over the minibatch per call: the work of `steps` updates."""
+    return {'none': 1, 'free': self.steps, 'pgd': self.steps + 1, 'fgsm': 2}[self.method]
 
 
 DEFAULT_VARIANTS = (Variant('none'), Variant('free', 3), Variant('pgd', 1), Variant('pgd', 3),
                     Variant('fgsm'))
+SPEC_HELP = ('method[:K][@option...], options: unrolled | rolled (adv.replay_loop), '
+             f'remat=<{"|".join(config_lib.REMAT_MODES)}> (model.remat)')
+
+
+def _parse_options(item: str, options: list[str]) -> dict[str, str]:
+  parsed = {}
+  for option in options:
+    key, value = ('loop', option) if '=' not in option else option.split('=', 1)
+    if key == 'loop' and value in ('unrolled', 'rolled'):
+      parsed['loop'] = value
+    elif key == 'remat' and value in config_lib.REMAT_MODES:
+      parsed['remat'] = value
+    else:
+      raise ValueError(f'AT variant {item!r}: unknown option {option!r} ({SPEC_HELP})')
+  return parsed
 
 
 def parse_variants(spec: str) -> tuple[Variant, ...]:
-  """'none,free:3,pgd:1,fgsm' -> variants; `none` is put first when missing (the baseline)."""
+  """'none,free:3,free:3@rolled,none@remat=blocks' -> variants; a plain `none` is put first
+  when missing (the baseline)."""
   variants = []
   for item in (s.strip() for s in spec.split(',')):
     if not item:
       continue
-    method, _, k = item.partition(':')
+    head, *options = item.split('@')
+    method, _, k = head.partition(':')
     if method not in config_lib.ADV_METHODS:
       raise ValueError(f'unknown AT variant {item!r}: the method must be one of '
-                       f'{", ".join(config_lib.ADV_METHODS)} (optionally method:K)')
+                       f'{", ".join(config_lib.ADV_METHODS)} ({SPEC_HELP})')
     if method in ('none', 'fgsm') and k:
       raise ValueError(f'AT variant {item!r}: {method} takes no K')
     if method in ('free', 'pgd') and not k:
@@ -65,7 +94,7 @@ def parse_variants(spec: str) -> tuple[Variant, ...]:
       raise ValueError(f'AT variant {item!r}: K must be an integer') from None
     if steps < 1:
       raise ValueError(f'AT variant {item!r}: K must be >= 1')
-    variant = Variant(method, steps)
+    variant = Variant(method, steps, **_parse_options(item, options))
     if variant not in variants:
       variants.append(variant)
   if Variant('none') not in variants:
@@ -75,10 +104,14 @@ def parse_variants(spec: str) -> tuple[Variant, ...]:
 
 def variant_config(config: ml_collections.ConfigDict,
                    variant: Variant) -> ml_collections.ConfigDict:
-  """A copy of `config` with the variant's AT method and K; everything else as given."""
+  """A copy of `config` with the variant's AT method and K (and loop, remat when given)."""
   config = config.copy_and_resolve_references()
   config.adv.method = variant.method
   config.adv.steps = variant.steps
+  if variant.loop is not None:
+    config.adv.replay_loop = variant.loop
+  if variant.remat is not None:
+    config.model.remat = variant.remat
   return config
 
 
@@ -116,19 +149,23 @@ def bench_train(config: ml_collections.ConfigDict,
                 repeats: int = 3,
                 mesh: Mesh | None = None,
                 model=None,
-                log=None) -> dict[str, Any]:
+                log=None,
+                peak_tflops: float = 0.0) -> dict[str, Any]:
   """Measures every variant in this process; returns JSON-ready numbers.
 
-  `model` defaults to the one `config.model` describes.
+  `model` defaults to the one `config.model` describes. `peak_tflops` > 0 sets the
+  device's peak for the MFU (else a table of known devices; CPUs have none).
 
   First each variant is compiled and warmed up (at least one call, after which the
   process's peak memory is read), then the timed runs visit the variants in turn for
   `repeats` rounds of `steps` calls; s_per_call is each variant's best round.
 
   Result: {'batch_size', 'num_params', 'steps', 'warmup', 'repeats', 'variants': [per
-  variant: name, method, k, updates_per_call, compile_s, s_per_call (best round),
-  round_s_per_call (every round), s_per_update, images_per_s, updates_per_s,
-  ratio_to_none {metric: value / none's value}, xla_memory, peak_memory]}.
+  variant: name, method, k, loop, remat, passes_per_call, updates_per_call, compile_s,
+  xla_flops_per_call (per device), s_per_call (best round), round_s_per_call (every round),
+  s_per_update, images_per_s, updates_per_s, ratio_to_none {metric: value / none's value},
+  model_flops_per_s, mfu (None where the device's peak is unknown), xla_memory,
+  peak_memory], model_flops_per_image, peak_flops_per_device}.
   """
   mesh = make_mesh() if mesh is None else mesh
   variants = tuple(variants)
@@ -138,6 +175,7 @@ def bench_train(config: ml_collections.ConfigDict,
   for c in configs:  # every variant's config is checked before anything compiles
     config_lib.validate_training(c, mesh.size)
 
+  given_model = model
   model = create_model(config) if model is None else model
   tx = make_optimizer(config.training)
   # One initial state for all variants, kept on the host so that it adds nothing to the
@@ -154,7 +192,11 @@ def bench_train(config: ml_collections.ConfigDict,
   for variant, c in zip(variants, configs):
     if log:
       log(f'train: compiling {variant.name}')
-    step = make_train_step(c, mesh, model, tx)
+    # A remat variant recomputes inside the same network (same params), so only its model
+    # object differs; a model given by the caller is used as it is.
+    variant_model = model if given_model is not None or variant.remat is None else (
+        create_model(c))
+    step = make_train_step(c, mesh, variant_model, tx)
     compiled, compile_s = common.time_compile(
         step, jax.device_put(host_state, parallel.replicated(mesh)), batch, frozen)
     start = _starter(compiled, host_state, batch, frozen, mesh)
@@ -166,7 +208,10 @@ def bench_train(config: ml_collections.ConfigDict,
     starts.append(start)
     rows.append({
         'name': variant.name, 'method': variant.method, 'k': variant.steps,
+        'loop': resolve_loop(c.adv.replay_loop, mesh.devices.flat[0].platform),
+        'remat': c.model.remat, 'passes_per_call': variant.passes,
         'updates_per_call': updates_per_minibatch(c), 'compile_s': compile_s,
+        'xla_flops_per_call': common.compiled_flops(compiled),
         'xla_memory': common.compiled_memory(compiled), 'peak_memory': common.peak_memory(),
     })
   if log:
@@ -181,11 +226,22 @@ def bench_train(config: ml_collections.ConfigDict,
         'updates_per_s': row['updates_per_call'] / s_per_call,
     })
   base = rows[0]
+  # The model's FLOPs per forward/backward pass over the minibatch, per device: XLA's count
+  # of the `none` step (a rolled loop's body would be counted once, whatever its trips).
+  pass_flops = base['xla_flops_per_call']
+  peak = common.peak_flops(mesh.devices.flat[0], config.model.dtype, peak_tflops)
   for row in rows:
     row['ratio_to_none'] = {m: row[m] / base[m] for m in RATIO_METRICS}
+    row['model_flops_per_s'] = (None if pass_flops is None
+                                else pass_flops * row['passes_per_call'] / row['s_per_call'])
+    row['mfu'] = (None if row['model_flops_per_s'] is None or peak is None
+                  else row['model_flops_per_s'] / peak)
   return {
       'batch_size': int(config.training.batch_size),
       'num_params': num_params(host_state.params),
+      'model_flops_per_image': (None if pass_flops is None
+                                else pass_flops * mesh.size / config.training.batch_size),
+      'peak_flops_per_device': peak,
       'steps': steps,
       'warmup': max(warmup, 1),
       'repeats': repeats,
