@@ -1,6 +1,9 @@
-"""Two processes x 4 CPU devices, started as launch/multi_host.sh starts them on two hosts,
-train the same run as one process x 8 devices, and resume it across both processes."""
+"""Two processes x 4 CPU devices, started as launch/tpu_pod.sh and launch/multi_host.sh start
+them on two hosts, train the same run as one process x 8 devices, resume it across both
+processes, and sample and evaluate it as one process does."""
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -9,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from atdiff_jax import checkpoint, parallel, train
+from atdiff_jax import checkpoint, evaluation, parallel, train
+from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import make_init_fn
@@ -36,11 +40,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, tmp_path, num_steps):
+def _cluster_env(tmp_path):
+  return _env(tmp_path, 4) | {'COORDINATOR': f'127.0.0.1:{_free_port()}', 'NUM_HOSTS': '2'}
+
+
+def _two_processes(workdir, tmp_path, num_steps=None, mode='train', extra=()):
   """Both ranks of launch/multi_host.sh; returns their outputs."""
-  env = _env(tmp_path, 4) | {'COORDINATOR': f'127.0.0.1:{_free_port()}', 'NUM_HOSTS': '2'}
+  env = _cluster_env(tmp_path) | {'MODE': mode}
+  steps = [] if num_steps is None else [f'--config.training.num_steps={num_steps}']
   procs = [subprocess.Popen(['bash', 'launch/multi_host.sh', 'configs/quickstart.py',
-                             str(workdir), *ARGS, f'--config.training.num_steps={num_steps}'],
+                             str(workdir), *ARGS, *steps, *extra],
                             env=env | {'HOST_RANK': str(rank)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
   outs = []
@@ -48,6 +57,42 @@ def _two_processes(workdir, tmp_path, num_steps):
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-3000:]
     outs.append(out)
+  return outs
+
+
+# gcloud as the test's stand-in: runs the pod command on 2 local "workers", each with the
+# rank a TPU VM's metadata would give it, and keeps each worker's output apart.
+_FAKE_GCLOUD = """#!{python}
+import os, subprocess, sys
+args = sys.argv[1:]
+assert args[:4] == ['compute', 'tpus', 'tpu-vm', 'ssh'] and '--worker=all' in args, args
+command = next(a.split('=', 1)[1] for a in args if a.startswith('--command='))
+logs = os.environ['FAKE_POD_LOGS']
+procs = []
+for rank in range(2):
+  with open(os.path.join(logs, f'worker{{rank}}.log'), 'w') as out:
+    procs.append(subprocess.Popen(['bash', '-c', command], stdout=out,
+                                  stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, HOST_RANK=str(rank))))
+sys.exit(max(p.wait(timeout=240) for p in procs))
+"""
+
+
+def _tpu_pod(workdir, tmp_path, num_steps):
+  """launch/tpu_pod.sh through the stand-in gcloud; returns both workers' outputs."""
+  gcloud = tmp_path / 'gcloud'
+  gcloud.write_text(_FAKE_GCLOUD.format(python=sys.executable))
+  gcloud.chmod(0o755)
+  env = _cluster_env(tmp_path) | {
+      'GCLOUD': str(gcloud), 'TPU_NAME': 'test-pod', 'ZONE': 'nowhere',
+      'REMOTE_DIR': os.getcwd(), 'REMOTE_PYTHON': sys.executable,
+      'FAKE_POD_LOGS': str(tmp_path)}
+  # An override with parentheses and a comma: the pod command must quote it for ssh.
+  proc = subprocess.run(['bash', 'launch/tpu_pod.sh', 'configs/quickstart.py', str(workdir),
+                         *ARGS, f'--config.training.num_steps={num_steps}'], env=env,
+                        capture_output=True, text=True, timeout=300)
+  outs = [(tmp_path / f'worker{rank}.log').read_text() for rank in (0, 1)]
+  assert proc.returncode == 0, proc.stderr[-2000:] + outs[0][-3000:]
   return outs
 
 
@@ -69,10 +114,15 @@ def _final_state(workdir):
 @pytest.mark.faults
 def test_two_processes_train_and_resume_as_one(tmp_path):
   workdir = tmp_path / 'two_processes'
-  first = _two_processes(workdir, tmp_path, num_steps=2)
+  first = _tpu_pod(workdir, tmp_path, num_steps=2)
   assert 'Model: ' in first[0] and '8 devices, 2 processes' in first[0], first[0][-2000:]
   # Only process 0 reports and writes; process 1 trains silently.
   assert 'step 2/2' in first[0] and 'step 2/2' not in first[1]
+  # Each process loaded its own 8 rows of every global batch of 16, and only those.
+  for rank, out in enumerate(first):
+    match = re.search(rf'Process {rank}/2 loaded (\d+) images: rows {8 * rank}:{8 * rank + 8} '
+                      'of each global batch of 16', out)
+    assert match and int(match.group(1)) % 8 == 0 and int(match.group(1)) >= 16, out[-2000:]
   resumed = _two_processes(workdir, tmp_path, num_steps=4)  # from the checkpoint at 2
   assert 'starting at minibatch 2' in resumed[0], resumed[0][-2000:]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
@@ -93,3 +143,24 @@ def test_two_processes_train_and_resume_as_one(tmp_path):
         [np.ravel(x) for x in jax.tree.leaves(getattr(state, tree))])
     moved = np.linalg.norm(flat(theirs) - flat(start))
     assert moved > 0 and np.linalg.norm(flat(mine) - flat(theirs)) < 1e-2 * moved, tree
+
+  # Sampling and the eval sweep in 2 processes give what 1 process x 8 devices gives.
+  settings = {'sampler': 'ddim', 'nfe': 3, 'samplers': ('ddim',), 'nfes': (3,),
+              'num_samples': 24, 'batch_size': 16, 'seed': 5}
+  overrides = [f'--config.eval.{k}={v!r}' if isinstance(v, tuple) else f'--config.eval.{k}={v}'
+               for k, v in settings.items()]
+  sampled = _two_processes(workdir, tmp_path, mode='sample', extra=overrides)
+  evaluated = _two_processes(workdir, tmp_path, mode='eval', extra=overrides)
+  assert 'sample: step 4' in sampled[0] and 'sample:' not in sampled[1], sampled[0][-2000:]
+  assert 'eval: done' in evaluated[0] and 'eval:' not in evaluated[1], evaluated[0][-2000:]
+  config.eval.update(settings)
+  run = evaluation.open_run(str(workdir), config, 'sample')
+  images, _ = evaluation.load_samples(evaluation.default_out_dir(str(workdir), 'ddim', 3, 1.0))
+  np.testing.assert_array_equal(images, evaluation.generate(
+      run, 24, sampler='ddim', nfe=3, batch_size=16, seed=5,
+      **run_lib.sampler_options(config.eval, 'ddim')))
+  mine = evaluation.evaluate(run, out_dir=str(tmp_path / 'eval_one_process'), verbose=False)
+  with open(workdir / 'eval' / 'results.json') as f:
+    theirs = json.load(f)['rows']
+  assert len(theirs) == len(mine) == 1
+  assert theirs[0]['fd_digits'] == pytest.approx(mine[0]['fd_digits'], rel=1e-5)

@@ -1,6 +1,7 @@
 """BatchStream: sharded global batches, loaded ahead of time in a background thread."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Any, Iterator
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from atdiff_jax import parallel
 from atdiff_jax.data.batching import load_host_batch, process_batch_slice, steps_per_epoch
 
+log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.1  # how often a blocked loader checks for close()
 
 
@@ -71,6 +73,7 @@ class BatchStream:
                                      jax.process_count())
     _check_rows_match_sharding(self.sharding, global_batch_size, self._rows)
     self.step = start_step
+    self.images_loaded = 0  # by this process (prefetched batches included)
     self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
     self._stop = threading.Event()
     self._failure: _Failure | None = None
@@ -82,6 +85,7 @@ class BatchStream:
 
   def _device_batch(self, step: int) -> dict[str, jax.Array]:
     images, labels = self.host_batch(step)
+    self.images_loaded += len(images)
     batch = self.global_batch_size
     images = jax.make_array_from_process_local_data(
         self.sharding, images, (batch, *images.shape[1:]))
@@ -143,6 +147,7 @@ class BatchStream:
 
   def close(self) -> None:
     """Stops the loader thread and drops prefetched batches; idempotent."""
+    closed_before = self._stop.is_set()
     self._stop.set()
     while True:  # unblock a loader waiting on a full queue
       try:
@@ -151,6 +156,12 @@ class BatchStream:
         break
     if self._thread is not threading.current_thread():
       self._thread.join()
+    if closed_before:
+      return
+    # Every process says what it read: its own rows of each global batch, nothing else.
+    log.info('Process %d/%d loaded %d images: rows %d:%d of each global batch of %d.',
+             jax.process_index(), jax.process_count(), self.images_loaded, self._rows.start,
+             self._rows.stop, self.global_batch_size)
 
   def __enter__(self) -> 'BatchStream':
     return self
