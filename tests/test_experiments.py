@@ -1,0 +1,119 @@
+"""The AT-vs-standard experiment: its arms, its statistics and one tiny run end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import conftest
+from atdiff_jax.experiments import arms as arms_lib
+from atdiff_jax.experiments import at_vs_standard
+from atdiff_jax.experiments import summary as summary_lib
+from atdiff_jax.train_step import updates_per_minibatch
+
+
+def _flat(config, prefix=''):
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out |= _flat(value, f'{prefix}{key}.')
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def test_arms_differ_from_standard_only_in_the_perturbation_and_the_minibatch_count():
+  base = conftest.tiny_config()
+  standard = _flat(arms_lib.arm_config(base, arms_lib.STANDARD, 1, 12, 1e-4, '/base'))
+  schedule = ('training.num_steps', 'training.log_every', 'training.checkpoint_every')
+  for arm in arms_lib.resolve_arms(arms_lib.DEFAULT_ARMS):
+    config = arms_lib.arm_config(base, arm, 1, 12, 1e-4, '/base')
+    assert config.training.num_steps * updates_per_minibatch(config) == 12, arm.name
+    assert (config.seed, config.init_from, config.training.lr) == (1, '/base', 1e-4)
+    differ = {k for k, v in _flat(config).items() if standard[k] != v}
+    assert all(k.startswith(('adv.', 'input_perturbation.')) or k in schedule
+               for k in differ), (arm.name, differ)
+    assert (differ != set()) == (arm.name != 'standard'), arm.name
+
+
+def test_arm_names_and_budgets_are_checked():
+  assert [a.name for a in arms_lib.resolve_arms(['free_r0.1', 'ip'])] == [
+      'standard', 'free_r0.1', 'ip']
+  with pytest.raises(ValueError, match='unknown arm'):
+    arms_lib.resolve_arms(['free_r0.3'])
+  with pytest.raises(ValueError, match='not a whole number of minibatches'):
+    arms_lib.arm_config(conftest.tiny_config(), arms_lib.ARMS['free_r0.1'], 0, 10, 1e-4, '/b')
+
+
+def _stats(values):
+  return {'mean': float(np.mean(values)), 'std': float(np.std(values, ddof=1)),
+          'n': len(values)}
+
+
+def test_verdict_needs_a_gap_beyond_the_seed_spread():
+  base = _stats([10.0, 10.5, 9.5])
+  assert summary_lib.compare(_stats([8.0, 8.2, 7.8]), base)[0] == summary_lib.BETTER
+  assert summary_lib.compare(_stats([12.0, 12.2, 11.8]), base)[0] == summary_lib.WORSE
+  # 0.8 lower, but the spreads make that indistinguishable (2 standard errors ~ 1.15).
+  assert summary_lib.compare(_stats([9.2, 9.7, 8.7]), base)[0] == summary_lib.TIE
+  one = {'mean': 1.0, 'std': math.nan, 'n': 1}
+  assert summary_lib.compare(one, base)[0] == summary_lib.UNKNOWN
+
+
+def _result(arm, seed, ddim5, ddim10):
+  return {'arm': arm, 'seed': seed, 'metric': 'fd_digits',
+          'scores': {'ddim NFE 5': ddim5, 'ddim NFE 10': ddim10},
+          'mismatch': {'err_sampler': 0.1 + seed / 100, 'err_q': 0.05}}
+
+
+def test_summary_table_marks_better_and_worse_cells(tmp_path):
+  results = [_result('standard', s, 40 + s, 20 + s) for s in range(3)]
+  results += [_result('free_r0.1', s, 30 + s, 25 + s) for s in range(3)]
+  summary = summary_lib.summarize(results, ['standard', 'free_r0.1'])
+  cells = summary['arms']['free_r0.1']
+  assert cells['ddim NFE 5']['verdict'] == summary_lib.BETTER
+  assert cells['ddim NFE 10']['verdict'] == summary_lib.WORSE
+  assert cells['mismatch err_sampler']['verdict'] == summary_lib.TIE
+  assert cells['ddim NFE 5']['mean'] == 31 and cells['ddim NFE 5']['std'] == 1
+  markdown = summary_lib.to_markdown(summary, {'seeds': '0, 1, 2'})
+  assert '**31 ± 1**' in markdown and '_26 ± 1_' in markdown
+  assert 'beats standard at: ddim NFE 5; worse at: ddim NFE 10.' in markdown
+  # Paired by seed: free - standard is exactly -10 at NFE 5 and +5 at NFE 10 for every seed.
+  assert cells['ddim NFE 5']['paired'] == {'mean': -10, 'std': 0, 'n': 3,
+                                           'values': [-10, -10, -10]}
+  assert '| free_r0.1 | -10 ± 0 | +5 ± 0 |' in markdown
+  assert summary_lib.plot(summary, str(tmp_path / 'plot.png'))
+  assert (tmp_path / 'plot.png').stat().st_size > 1000
+
+
+def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
+  # One seed keeps this affordable; the statistics over seeds are tested above.
+  config = conftest.tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.diffusion.num_timesteps = 20
+  workdir = str(tmp_path / 'exp')
+  kwargs = dict(arm_names=['free_r0.1'], seeds=(3,), updates=3, lr=1e-2, samplers=('ddim',),
+                nfes=(2,), num_samples=16, eval_batch=16, probe=('ddim', 2))
+  summary = at_vs_standard.run_experiment(config, workdir, **kwargs)
+  assert list(summary['arms']) == ['standard', 'free_r0.1']
+  scores = {}
+  for arm in ('standard', 'free_r0.1'):
+    with open(os.path.join(workdir, 'arms', arm, 'seed3', 'result.json')) as f:
+      result = json.load(f)
+    assert result['updates'] == 3 and result['seed'] == 3
+    scores[arm] = result['scores']['ddim NFE 2']
+    assert np.isfinite(scores[arm]) and result['mismatch']['err_q'] > 0
+    assert summary['arms'][arm]['ddim NFE 2']['values'] == [scores[arm]]
+  assert scores['standard'] != scores['free_r0.1']  # the arms trained differently
+  assert summary['arms']['free_r0.1']['ddim NFE 2']['verdict'] == summary_lib.UNKNOWN
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['summary'] == json.loads(json.dumps(summary))
+  assert os.path.isfile(os.path.join(workdir, 'fd_digits_vs_nfe.png'))
+  assert 'AT vs standard' in open(os.path.join(workdir, 'results.md')).read()
+
+  capsys.readouterr()
+  again = at_vs_standard.run_experiment(config, workdir, **kwargs)  # all done: nothing runs
+  out = capsys.readouterr().out
+  assert out.count('done earlier, skipped') == 2
+  assert json.dumps(again) == json.dumps(summary)
