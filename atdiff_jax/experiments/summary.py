@@ -166,6 +166,7 @@ def plot(summary: dict[str, Any], path: str) -> bool:
                   linewidth=2.0 if arm == 'standard' else 1.2,
                   color='black' if arm == 'standard' else None)
     ax.set_xscale('log')
+    ax.minorticks_off()
     ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
     ax.set_xlabel('NFE')
     ax.set_ylabel(summary['metric'])
