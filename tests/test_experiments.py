@@ -8,7 +8,7 @@ import pytest
 
 import conftest
 from atdiff_jax.experiments import arms as arms_lib
-from atdiff_jax.experiments import at_vs_standard
+from atdiff_jax.experiments import runner
 from atdiff_jax.experiments import summary as summary_lib
 from atdiff_jax.train_step import updates_per_minibatch
 
@@ -95,7 +95,7 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
   workdir = str(tmp_path / 'exp')
   kwargs = dict(arm_names=['free_r0.1'], seeds=(3,), updates=3, lr=1e-2, samplers=('ddim',),
                 nfes=(2,), num_samples=16, eval_batch=16, probe=('ddim', 2))
-  summary = at_vs_standard.run_experiment(config, workdir, **kwargs)
+  summary = runner.run_experiment(config, workdir, **kwargs)
   assert list(summary['arms']) == ['standard', 'free_r0.1']
   scores = {}
   for arm in ('standard', 'free_r0.1'):
@@ -113,7 +113,7 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
   assert 'AT vs standard' in open(os.path.join(workdir, 'results.md')).read()
 
   capsys.readouterr()
-  again = at_vs_standard.run_experiment(config, workdir, **kwargs)  # all done: nothing runs
+  again = runner.run_experiment(config, workdir, **kwargs)  # all done: nothing runs
   out = capsys.readouterr().out
   assert out.count('done earlier, skipped') == 2
   assert json.dumps(again) == json.dumps(summary)
