@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -61,7 +60,9 @@ def main(argv):
                          f'allowed: {", ".join(PARTS)}')
   logging.getLogger('jax._src').setLevel(logging.WARNING)  # backend probing is noise here
   # Imported here so that flag errors cost no backend start-up.
-  from atdiff_jax import benchmarks, config as config_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from atdiff_jax import benchmarks, config as config_lib
+  from atdiff_jax.evaluation.report import atomic_write
 
   config = _CONFIG.value
   config_name = config_flags.get_config_filename(flags.FLAGS['config'])
@@ -87,10 +88,7 @@ def main(argv):
     results[part] = result
     print('\n' + table, flush=True)
     if _JSON.value:
-      tmp = f'{_JSON.value}.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(results, f, indent=2)
-      os.replace(tmp, _JSON.value)
+      atomic_write(_JSON.value, json.dumps(results, indent=2))
 
   try:
     if 'train' in _WHAT.value:

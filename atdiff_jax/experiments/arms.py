@@ -33,16 +33,20 @@ class Arm:
       config[block][name] = value
 
 
+def _ball_fields(method: str, steps: int, radius: float, schedule: str):
+  """An L2 ball of `radius` per pixel, step size = radius, zero start, the paper's target."""
+  return (('adv.method', method), ('adv.steps', steps), ('adv.norm', 'l2'),
+          ('adv.radius', radius), ('adv.step_size', radius), ('adv.radius_scale', 'per_dim'),
+          ('adv.radius_schedule', schedule), ('adv.init', 'zero'),
+          ('adv.target', 'delta_detach'))
+
+
 def free_at(radius: float, schedule: str = 'constant', steps: int = 3) -> Arm:
   """Free AT with K=`steps` passes in an L2 ball of `radius` per pixel, step size = radius."""
   suffix = '_sigma' if schedule == 'sigma' else ''
-  return Arm(f'free{suffix}_r{radius:g}', (
-      ('adv.method', 'free'), ('adv.steps', steps), ('adv.norm', 'l2'),
-      ('adv.radius', radius), ('adv.step_size', radius), ('adv.radius_scale', 'per_dim'),
-      ('adv.radius_schedule', schedule), ('adv.init', 'zero'),
-      ('adv.target', 'delta_detach')),
-      f'free AT, K={steps}, L2 radius {radius:g} per pixel'
-      + (' times sigma_t' if schedule == 'sigma' else ''))
+  return Arm(f'free{suffix}_r{radius:g}', _ball_fields('free', steps, radius, schedule),
+             f'free AT, K={steps}, L2 radius {radius:g} per pixel'
+             + (' times sigma_t' if schedule == 'sigma' else ''))
 
 
 STANDARD = Arm('standard', (('adv.method', 'none'),), 'standard fine-tuning')
@@ -54,10 +58,7 @@ ARMS = {arm.name: arm for arm in (
     free_at(0.02),
     free_at(0.05),
     free_at(0.1),
-    Arm('pgd_r0.05', (('adv.method', 'pgd'), ('adv.steps', 2), ('adv.norm', 'l2'),
-                      ('adv.radius', 0.05), ('adv.step_size', 0.05),
-                      ('adv.radius_scale', 'per_dim'), ('adv.radius_schedule', 'constant'),
-                      ('adv.init', 'zero'), ('adv.target', 'delta_detach')),
+    Arm('pgd_r0.05', _ball_fields('pgd', 2, 0.05, 'constant'),
         'PGD-AT, 2 ascent steps, L2 radius 0.05 per pixel'),
     free_at(0.1, 'sigma'),
 )}

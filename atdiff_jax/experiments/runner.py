@@ -9,7 +9,13 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
+
+from atdiff_jax import checkpoint, config as config_lib, evaluation, train
+from atdiff_jax.evaluation import report, run as run_lib
 from atdiff_jax.experiments import arms as arms_lib
+from atdiff_jax.experiments import summary as summary_lib
+from atdiff_jax.samplers import options as sampler_options
 
 RESULT_FILE = 'result.json'
 
@@ -26,19 +32,9 @@ def eval_block(config, samplers: Sequence[str], nfes: Sequence[int], num_samples
   ev.step, ev.use_ema, ev.ema_index = -1, True, 0
 
 
-def _atomic_json(path: str, value: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
-
-
 def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int,
             probe: tuple[str, int] | None) -> dict[str, Any]:
   """Fine-tunes, evaluates and probes one (arm, seed); returns (and writes) its result."""
-  # pylint: disable=g-import-not-at-top
-  from atdiff_jax import evaluation, train
-  from atdiff_jax.evaluation import report, run as run_lib
   start = time.perf_counter()
   train.train(config, workdir)
   trained = time.perf_counter()
@@ -46,9 +42,10 @@ def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int,
   rows = evaluation.evaluate(run, verbose=False)
   metric = next(m for m in report.PLOT_METRICS if m in rows[0])
   result = {'arm': arm.name, 'about': arm.about, 'seed': seed, 'metric': metric,
-            'updates': None, 'scores': {}, 'mismatch': {}}
-  for row in rows:
-    result['scores'][f'{row["sampler"]} NFE {row["nfe"]}'] = row[metric]
+            'updates': int(run.step) * arms_lib.updates_per_minibatch(config),
+            'scores': {summary_lib.cell_key(row['sampler'], row['nfe']): row[metric]
+                       for row in rows},
+            'mismatch': {}}
   if probe is not None:
     sampler, nfe = probe
     ev = run.config.eval
@@ -56,12 +53,12 @@ def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int,
         run, sampler, nfe, int(ev.num_samples), 1.0, int(ev.batch_size), int(ev.seed),
         **run_lib.sampler_options(ev, sampler))
     # Means over the sampler's steps: the model's eps-error on its own x_t and on q(x_t|x0).
-    result['mismatch'] = {k: float(mismatch.values[k].mean()) for k in ('err_sampler', 'err_q')}
-    result['mismatch_setting'] = f'{sampler} NFE {nfe}'
-  result['updates'] = int(run.step) * arms_lib.updates_per_minibatch(config)
+    result['mismatch'] = {k: float(mismatch.values[k].mean())
+                          for k in summary_lib.MISMATCH_FIELDS}
+    result['mismatch_setting'] = summary_lib.cell_key(sampler, nfe)
   result['train_s'] = round(trained - start, 1)
   result['eval_s'] = round(time.perf_counter() - trained, 1)
-  _atomic_json(os.path.join(workdir, RESULT_FILE), result)
+  report.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=2))
   return result
 
 
@@ -73,13 +70,6 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
                    eval_seed: int = 1000, eval_batch: int = 256,
                    probe: tuple[str, int] | None = ('ddim', 10)) -> dict[str, Any]:
   """The whole experiment (see the module doc); returns the summary."""
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from atdiff_jax import checkpoint, config as config_lib, train
-  from atdiff_jax.evaluation import run as run_lib
-  from atdiff_jax.experiments import summary as summary_lib
-  from atdiff_jax.samplers import options as sampler_options
-
   arms = arms_lib.resolve_arms(arm_names)
   if not seeds or len(set(seeds)) != len(seeds):
     raise config_lib.ConfigError(f'seeds {list(seeds)}: give one or more distinct seeds')
@@ -133,11 +123,10 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
               'samples per cell': num_samples, 'eval seed': eval_seed,
               'mismatch probe': f'{probe[0]} NFE {probe[1]}' if probe else 'none'}
   if jax.process_index() == 0:
-    _atomic_json(os.path.join(workdir, 'results.json'),
-                 {'settings': settings, 'summary': summary, 'runs': results})
+    report.atomic_write(os.path.join(workdir, 'results.json'), json.dumps(
+        {'settings': settings, 'summary': summary, 'runs': results}, indent=2))
     markdown = summary_lib.to_markdown(summary, settings)
-    with open(os.path.join(workdir, 'results.md'), 'w') as f:
-      f.write(markdown)
+    report.atomic_write(os.path.join(workdir, 'results.md'), markdown)
     summary_lib.plot(summary, os.path.join(workdir, f'{summary["metric"]}_vs_nfe.png'))
     print(markdown, flush=True)
   return summary
