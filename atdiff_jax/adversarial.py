@@ -25,12 +25,21 @@ class BallSpec:
 
   @classmethod
   def from_config(cls, adv: ml_collections.ConfigDict, sample_shape) -> 'BallSpec':
-    """`per_dim` radii are per pixel: the L2 ball of radius eta * sqrt(H*W*C) (the paper's);
-    an L-inf radius is already per coordinate, so it is the same under both scales."""
-    radius = float(adv.radius)
-    if adv.radius_scale == 'per_dim' and adv.norm == 'l2':
-      radius *= math.sqrt(math.prod(sample_shape))
-    return cls(norm=adv.norm, radius=radius, step_size=float(adv.step_size))
+    """Radius and step size in their units (`adv.radius_scale`, `adv.step_size_scale`):
+    `per_dim` values are per-pixel RMS, so an L2 value v means v * sqrt(H*W*C) (the same
+    strength on every image shape); `absolute` values are the norm's own. An L-inf value is
+    already per coordinate, so it is the same under both."""
+    return cls(norm=adv.norm,
+               radius=_in_norm_units(adv.radius, adv.radius_scale, adv.norm, sample_shape),
+               step_size=_in_norm_units(adv.step_size, adv.get('step_size_scale', 'absolute'),
+                                        adv.norm, sample_shape))
+
+
+def _in_norm_units(value: float, scale: str, norm: str, sample_shape) -> float:
+  value = float(value)
+  if scale == 'per_dim' and norm == 'l2':
+    value *= math.sqrt(math.prod(sample_shape))
+  return value
 
 
 def _per_sample(reduce, x: jax.Array) -> jax.Array:

@@ -17,7 +17,9 @@ DTYPES = ('float32', 'bfloat16')
 REMAT_MODES = ('none', 'attention', 'blocks')
 ADV_METHODS = ('none', 'free', 'pgd', 'fgsm')
 ADV_NORMS = ('l2', 'linf')
-ADV_RADIUS_SCALES = ('per_dim', 'absolute')
+# Units of adv.radius and adv.step_size: absolute (the norm's own) or per_dim (per-pixel RMS:
+# an L2 value times sqrt(H*W*C)), which gives the same strength on every image shape.
+ADV_SCALES = ('per_dim', 'absolute')
 ADV_RADIUS_SCHEDULES = ('constant', 'sigma')
 ADV_REPLAY_LOOPS = ('auto', 'unrolled', 'rolled')
 ADV_INITS = ('zero', 'uniform')
@@ -201,8 +203,10 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
 def validate_adversarial(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'adv.method', ADV_METHODS)
   _choice(config, 'adv.norm', ADV_NORMS)
-  _choice(config, 'adv.radius_scale', ADV_RADIUS_SCALES)
-  # Both absent from runs made before they existed (constant, auto).
+  _choice(config, 'adv.radius_scale', ADV_SCALES)
+  # Absent from runs made before they existed (absolute, constant, auto).
+  if 'step_size_scale' in config.adv:
+    _choice(config, 'adv.step_size_scale', ADV_SCALES)
   if 'radius_schedule' in config.adv:
     _choice(config, 'adv.radius_schedule', ADV_RADIUS_SCHEDULES)
   if 'replay_loop' in config.adv:

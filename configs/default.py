@@ -76,8 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   adv.method = 'none'            # none | free | pgd | fgsm
   adv.norm = 'l2'                # l2 | linf
   adv.steps = 3                  # K: free replays / pgd ascent steps (fgsm uses 1)
-  adv.step_size = 0.1            # alpha, in the norm's own units
-  adv.radius = 0.1               # eta
+  adv.step_size = 0.1            # alpha, in the units of step_size_scale
+  adv.step_size_scale = 'absolute'  # absolute: the norm's own units (the reference's 0.1 on
+                                 # CIFAR-10); per_dim: per-pixel RMS, l2 step alpha * sqrt(H*W*C)
+  adv.radius = 0.1               # eta, in the units of radius_scale
   adv.radius_scale = 'per_dim'   # per_dim: l2 radius = eta * sqrt(H*W*C); absolute: eta as is
   # constant: the same ball at every t (the paper's); sigma: radius and step size times
   # sigma_t, so the target's shift delta / sigma_t is at most eta per pixel at every t.

@@ -30,6 +30,48 @@ def test_per_dim_radius_scales_l2_only():
   assert adversarial.BallSpec.from_config(adv, (32, 32, 3)).radius == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize('shape', [(8, 8, 1), (32, 32, 3), (64, 64, 3)])
+def test_per_dim_step_is_the_absolute_step_times_sqrt_d(shape):
+  """Per-pixel units give the ball and the step of the absolute form scaled by sqrt(d), and
+  so one per-pixel RMS per ascent step on every image shape."""
+  d = math.prod(shape)
+  per_dim = ml_collections.ConfigDict({'radius': 0.1, 'radius_scale': 'per_dim', 'norm': 'l2',
+                                       'step_size': 0.002, 'step_size_scale': 'per_dim'})
+  absolute = ml_collections.ConfigDict({
+      'radius': 0.1 * math.sqrt(d), 'radius_scale': 'absolute', 'norm': 'l2',
+      'step_size': 0.002 * math.sqrt(d), 'step_size_scale': 'absolute'})
+  ball = adversarial.BallSpec.from_config(per_dim, shape)
+  reference = adversarial.BallSpec.from_config(absolute, shape)
+  assert ball.norm == reference.norm
+  assert ball.radius == pytest.approx(reference.radius, rel=1e-12)
+  assert ball.step_size == pytest.approx(reference.step_size, rel=1e-12)
+  grad = jax.random.normal(jax.random.key(0), (4,) + shape)
+  delta = adversarial.ascent_step(jnp.zeros((4,) + shape), grad, ball)
+  rms = np.sqrt(np.mean(np.square(np.asarray(delta)).reshape(4, -1), axis=1))
+  np.testing.assert_allclose(rms, 0.002, rtol=1e-5)
+  per_dim.norm = 'linf'  # an L-inf step is per coordinate in both units
+  assert adversarial.BallSpec.from_config(per_dim, shape).step_size == pytest.approx(0.002)
+
+
+def test_step_without_a_unit_field_is_absolute():
+  """Runs written before step_size_scale existed keep their absolute step, bit for bit."""
+  adv = ml_collections.ConfigDict(
+      {'radius': 0.1, 'radius_scale': 'per_dim', 'norm': 'l2', 'step_size': 0.1})
+  assert adversarial.BallSpec.from_config(adv, (32, 32, 3)).step_size == 0.1
+
+
+def test_paper_strength_configs():
+  """The reference-equivalent CIFAR-10 config keeps the absolute 0.1; the quickstart AT
+  configs take the same strength per pixel, 0.1 / sqrt(3072)."""
+  from configs import cifar10_adm_at, quickstart_at, quickstart_cd_at
+  cifar = cifar10_adm_at.get_config().adv
+  assert (cifar.step_size, cifar.step_size_scale) == (0.1, 'absolute')
+  for module in (quickstart_at, quickstart_cd_at):
+    config = module.get_config()
+    ball = adversarial.BallSpec.from_config(config.adv, (8, 8, 1))
+    assert ball.step_size == pytest.approx(0.1 / math.sqrt(3072) * 8)
+
+
 @pytest.mark.parametrize('norm', ['l2', 'linf'])
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_steps_and_starts_stay_inside_every_ball(norm, seed):
