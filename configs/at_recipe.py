@@ -1,10 +1,5 @@
 """The paper's adversarial-training settings, shared by every *_at config."""
-import math
-
-# The reference's ascent step is an L2 length of 0.1 on CIFAR-10's 32x32x3 images: about
-# 0.0018 RMS per pixel. Given per pixel (adv.step_size_scale='per_dim'), the same strength
-# carries over to any image shape; the same absolute 0.1 on 8x8x1 images is ~7x stronger.
-PAPER_STEP_PER_PIXEL = 0.1 / math.sqrt(32 * 32 * 3)
+from atdiff_jax.adversarial import REFERENCE_STEP_PER_PIXEL
 
 
 def apply_free_at(config):
@@ -29,6 +24,6 @@ def apply_free_at(config):
 def paper_strength_per_pixel(config, multiple=1.0):
   """The ascent step at `multiple` times the paper's per-pixel strength, on any image shape
   (on CIFAR-10, multiple 1 is the reference's absolute 0.1 up to float rounding)."""
-  config.adv.step_size = multiple * PAPER_STEP_PER_PIXEL
+  config.adv.step_size = multiple * REFERENCE_STEP_PER_PIXEL
   config.adv.step_size_scale = 'per_dim'
   return config

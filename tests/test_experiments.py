@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import conftest
+from atdiff_jax import adversarial
 from atdiff_jax.experiments import arms as arms_lib
-from atdiff_jax.experiments import runner
+from atdiff_jax.experiments import plateau, regimes, runner
 from atdiff_jax.experiments import summary as summary_lib
 from atdiff_jax.train_step import updates_per_minibatch
 
@@ -27,14 +28,14 @@ def test_arms_differ_from_standard_only_in_the_perturbation_and_the_minibatch_co
   base = conftest.tiny_config()
   standard = _flat(arms_lib.arm_config(base, arms_lib.STANDARD, 1, 12, 1e-4, '/base'))
   schedule = ('training.num_steps', 'training.log_every', 'training.checkpoint_every')
-  for arm in arms_lib.resolve_arms(arms_lib.DEFAULT_ARMS):
+  for arm in list(arms_lib.ARMS.values()) + list(arms_lib.CM_ARMS.values()):
     config = arms_lib.arm_config(base, arm, 1, 12, 1e-4, '/base')
     assert config.training.num_steps * updates_per_minibatch(config) == 12, arm.name
     assert (config.seed, config.init_from, config.training.lr) == (1, '/base', 1e-4)
     differ = {k for k, v in _flat(config).items() if standard[k] != v}
     assert all(k.startswith(('adv.', 'input_perturbation.')) or k in schedule
-               for k in differ), (arm.name, differ)
-    assert (differ != set()) == (arm.name != 'standard'), arm.name
+               or k == 'consistency.target_at' for k in differ), (arm.name, differ)
+    assert (differ != set()) == (arm.name not in ('standard', 'cd')), arm.name
 
 
 def test_arm_names_and_budgets_are_checked():
@@ -117,3 +118,67 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count('done earlier, skipped') == 2
   assert json.dumps(again) == json.dumps(summary)
+
+
+def test_plateau_rule_stops_after_patience_checks_without_gain():
+  rule = plateau.PlateauRule(patience=2, min_gain=0.05)
+  assert plateau.stop_index([100, 60, 40, 39, 38.5], rule) == 4  # 39 and 38.5: < 5% gain
+  assert plateau.stop_index([100, 60, 40, 39, 30], rule) is None  # 30: a gain again
+  assert plateau.stop_index([100, 60, 40, 45, 41], rule) == 4  # worse counts as no gain
+  assert plateau.stop_index([100], rule) is None
+  with pytest.raises(ValueError, match='min_gain'):
+    plateau.PlateauRule(min_gain=1.5).check()
+
+
+def test_fine_tuning_updates_cover_the_base_in_whole_minibatches_of_every_arm():
+  base = conftest.tiny_config()
+  arms = arms_lib.resolve_arms(arms_lib.PAPER_ARMS)  # free AT: 3 updates per minibatch
+  assert runner.fine_tune_updates(1000, 1.0, arms, base) == 1002
+  assert runner.fine_tune_updates(1000, 2.4, arms, base) == 2400
+  assert runner.fine_tune_updates(10, 1.0, [arms_lib.STANDARD], base) == 10
+
+
+def test_regimes_fix_arms_seeds_and_budgets_in_advance():
+  paper = regimes.REGIMES['paper']
+  seeds = paper.seeds_by_arm(paper.seeds, paper.few_seeds)
+  assert seeds == {'standard': (0, 1, 2, 3, 4),
+                   'free_1x': (0, 1, 2, 3, 4), 'free_2x': (0, 1, 2)}
+  assert paper.updates_ratio >= 1.0 and paper.base_rule is not None
+  free_1x, free_2x = arms_lib.ARMS['free_1x'], arms_lib.ARMS['free_2x']
+  config = conftest.tiny_config()
+  balls = []
+  for arm in (free_1x, free_2x):
+    arm_config = arms_lib.arm_config(config, arm, 0, 3, 1e-4, '/b')
+    balls.append(adversarial.BallSpec.from_config(arm_config.adv, (8, 8, 1)))
+  # The paper's per-pixel step on 8x8x1: 0.1 / sqrt(3072) * 8, and twice that.
+  assert balls[0].step_size == pytest.approx(0.1 / math.sqrt(3072) * 8)
+  assert balls[1].step_size == pytest.approx(2 * balls[0].step_size)
+  cd = regimes.REGIMES['cd']
+  assert cd.reference == 'cd' and set(cd.arms) == set(arms_lib.CM_ARMS) and cd.needs_base
+  assert all(len(s) == 3 for s in cd.seeds_by_arm(cd.seeds, cd.few_seeds).values())
+
+
+def test_paper_regime_trains_the_base_to_its_plateau_and_scores_it_as_an_arm(tmp_path):
+  config = conftest.tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.diffusion.num_timesteps = 20
+  workdir = str(tmp_path / 'exp')
+  rule = plateau.PlateauRule(check_every=2, max_minibatches=6, patience=1, min_gain=0.99,
+                             nfe=2, num_samples=16)
+  summary = runner.run_experiment(
+      config, workdir, arm_names=['base', 'free_1x'], seeds=(0,), updates_ratio=1.0,
+      lr=1e-2, samplers=('ddim',), nfes=(2,), num_samples=16, eval_batch=16, probe=None,
+      base_rule=rule)
+  with open(os.path.join(workdir, 'base', plateau.CURVE_JSON)) as f:
+    curve = json.load(f)
+  # min_gain 0.99: the second check cannot gain enough, so the rule stops there.
+  assert [c['minibatch'] for c in curve['checks']] == [2, 4] and curve['stopped_at'] == 4
+  assert os.path.isfile(os.path.join(workdir, 'base', plateau.CURVE_PNG))
+  with open(os.path.join(workdir, 'arms', 'base', 'result.json')) as f:
+    base = json.load(f)
+  assert base['updates'] == 0 and base['seed'] is None
+  with open(os.path.join(workdir, 'arms', 'free_1x', 'seed0', 'result.json')) as f:
+    assert json.load(f)['updates'] == 6  # the base's 4, in whole free-AT minibatches
+  cell = summary['arms']['free_1x']['ddim NFE 2']
+  assert cell['diff_base'] == pytest.approx(cell['mean'] - base['scores']['ddim NFE 2'])
+  assert 'paper-style' in open(os.path.join(workdir, 'results.md')).read()

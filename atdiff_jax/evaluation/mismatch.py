@@ -135,7 +135,9 @@ def measure_mismatch(run: run_lib.Run, sampler: str = 'dpm_solver++', nfe: int =
   config = run.config
   batch_size = run.default_batch_size if batch_size is None else int(batch_size)
   shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
-  probe_fn = make_mismatch_fn(run.model_fn(), sampler, run.betas, int(nfe), shape, run.mesh,
-                              float(eps_scale), **opts)
+  probe_fn = run_lib.compiled_program(
+      run, 'mismatch', (sampler, int(nfe), float(eps_scale), shape, run_lib.options_key(opts)),
+      lambda: make_mismatch_fn(run.model_fn(), sampler, run.betas, int(nfe), shape, run.mesh,
+                               float(eps_scale), **opts))
   return run_mismatch(probe_fn, run.params, sampler, nfe, eps_scale, batch_size, num_samples,
                       seed, int(config.model.num_classes), progress)

@@ -31,6 +31,35 @@ log = logging.getLogger(__name__)
 
 SampleFn = Callable[..., jax.Array]
 
+# Compiled sampler and probe programs of this process, by network and setting. Params are an
+# argument of each program, so every checkpoint of the same network (every arm and seed of
+# an experiment) reuses one compile per (sampler, NFE, batch shape, options).
+_PROGRAMS: dict[tuple, Callable[..., Any]] = {}
+
+
+def network_key(config: ml_collections.ConfigDict) -> str:
+  """What fixes a run's compiled programs apart from its params: the network, its noise
+  process, the image shape and the objective's output parametrisation."""
+  fields = {'model': config.model.to_dict(), 'diffusion': config.diffusion.to_dict(),
+            'image': [config.data.image_size, config.data.channels],
+            'objective': config_lib.objective_of(config)}
+  if config_lib.is_consistency(config):
+    fields['consistency'] = config.consistency.to_dict()
+  return json.dumps(fields, sort_keys=True, default=str)
+
+
+def compiled_program(run: 'Run', kind: str, settings: tuple, build: Callable[[], Any]) -> Any:
+  """The program `build()` makes for `run`'s network and `settings`, built once a process."""
+  key = (network_key(run.config), run.mesh, kind, settings)
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = build()
+  return _PROGRAMS[key]
+
+
+def clear_compiled_programs() -> None:
+  """Forgets every cached program (the next call builds and compiles afresh)."""
+  _PROGRAMS.clear()
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -89,15 +118,19 @@ class Run:
     size, channels = config.data.image_size, config.data.channels
     shape = (batch_size, size, size, channels)
     opts = sampling.sampler_defaults(config, sampler) | opts
-    sample = samplers.make_sample_fn(self.model_fn(), sampler, self.betas, int(nfe), shape,
-                                     self.mesh, eps_scale=float(eps_scale), **opts)
+
+    def build():
+      sample = samplers.make_sample_fn(self.model_fn(), sampler, self.betas, int(nfe), shape,
+                                       self.mesh, eps_scale=float(eps_scale), **opts)
+      return jax.jit(lambda rng, labels, params: jnp.clip(sample(rng, labels, params),
+                                                          -1.0, 1.0),
+                     out_shardings=parallel.batch_sharding(self.mesh))
+
+    clipped = compiled_program(self, 'sample', (sampler, int(nfe), float(eps_scale), shape,
+                                                options_key(opts)), build)
     num_classes = int(config.model.num_classes)
     default_labels = (jnp.arange(batch_size, dtype=jnp.int32) % num_classes
                       if num_classes else None)
-    batch_sharding = parallel.batch_sharding(self.mesh)
-    clipped = jax.jit(lambda rng, labels, params: jnp.clip(sample(rng, labels, params),
-                                                           -1.0, 1.0),
-                      out_shardings=batch_sharding)
     params = self.params
 
     def sample_images(rng: jax.Array, labels: jax.Array | None = None) -> jax.Array:
@@ -108,6 +141,11 @@ class Run:
       return clipped(rng, labels, params)
 
     return sample_images
+
+
+def options_key(opts: dict[str, Any]) -> str:
+  """Sampler options as a hashable key (lists and tuples alike)."""
+  return json.dumps(opts, sort_keys=True, default=str)
 
 
 def _step_dir(workdir: str, step: int | None) -> str:

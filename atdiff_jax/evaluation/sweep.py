@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import time
@@ -70,9 +71,26 @@ def inception_stats_path(weights_path: str, data_config: ml_collections.ConfigDi
                       f'{stem}_{dataset_tag(data_config)}_stats.npz')
 
 
+# Metrics set up in this process: every run of an experiment on the same data and weights
+# shares one feature extractor (one compile) and one reference.
+_METRICS: dict[tuple, list[Metric]] = {}
+
+
 def setup_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   out_dir: str) -> list[Metric]:
-  """The (feature extractor, reference stats) pairs that apply to this run's data."""
+  """The (feature extractor, reference stats) pairs that apply to this run's data; built
+  once a process for the same data, weights and reference."""
+  ev = config.eval
+  pixel_cache = out_dir if not ev.inception_weights and config.data.name != 'digits' else ''
+  key = (json.dumps(config.data.to_dict(), sort_keys=True, default=str),
+         ev.inception_weights, ev.ref_stats, int(ev.batch_size), mesh, pixel_cache)
+  if key not in _METRICS:
+    _METRICS[key] = _build_metrics(config, mesh, out_dir)
+  return _METRICS[key]
+
+
+def _build_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   out_dir: str) -> list[Metric]:
   ev, data_config = config.eval, config.data
   shape = (data_config.image_size, data_config.image_size, data_config.channels)
   batch_size = int(ev.batch_size)

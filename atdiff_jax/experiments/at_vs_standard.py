@@ -1,14 +1,19 @@
 """Does adversarial training beat standard training, and where? Seeds, spreads, a verdict.
 
   python -m atdiff_jax.experiments.at_vs_standard --config=configs/quickstart.py --workdir=DIR
+  python -m atdiff_jax.experiments.at_vs_standard --regime=cd --config=configs/quickstart_cd.py \
+    --base=DIR/base --workdir=DIR/cd
 
-From one base checkpoint (`--base=RUN`, or trained into DIR/base from --config), every arm
-of `experiments.arms` fine-tunes with the same number of optimizer updates under each
-training seed, into DIR/arms/<arm>/seed<s>/. Each is then evaluated with the same settings:
-the eval sweep (samplers x NFEs, `--num_samples` images, one eval seed that no arm was
-tuned on) and the mismatch probe (the model's eps-error on a sampler's own x_t). DIR gets
-results.json (every seed's numbers), results.md (mean ± std per arm, and which arms beat
-standard training beyond the seed spread) and <metric>_vs_nfe.png.
+`--regime` picks a preset of arms, seeds, base and budget (`experiments.regimes`; default
+`paper`: a base trained until it stops improving, then as many fine-tuning updates as the
+base had). Every arm starts from the same base checkpoint (`--base=RUN`, or trained into
+DIR/base from --config) and makes the same number of optimizer updates under each training
+seed, into DIR/arms/<arm>/seed<s>/. Each is then evaluated with the same settings: the eval
+sweep (samplers x NFEs, `--num_samples` images, one eval seed that no arm was tuned on) and
+the mismatch probe (the model's eps-error on a sampler's own x_t). All runs are evaluated in
+this one process, each sampler compiled once. DIR gets results.json (every seed's numbers),
+results.md (mean ± std per arm; which arms beat the fair baseline, and the base, beyond
+the seed spread) and <metric>_vs_nfe.png; with the plateau rule also base/plateau.{json,png}.
 
 Resumable: a finished (arm, seed) keeps its result.json and is skipped; an interrupted
 one resumes its training from its checkpoint and its sweep from its finished cells.
@@ -27,30 +32,40 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from atdiff_jax.experiments import arms as arms_lib
+from atdiff_jax.experiments import regimes
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'The base run\'s config file (model, data, eval metrics).',
-    lock_config=True)
+    'config', None, 'The base run\'s config file (model, data, eval metrics); for '
+    '--regime=cd, the distillation config.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the experiment\'s runs and reports go.')
-_BASE = flags.DEFINE_string('base', '', 'A trained run of --config to fine-tune from; '
-                            'empty: train one into WORKDIR/base first.')
-_ARMS = flags.DEFINE_list('arms', list(arms_lib.DEFAULT_ARMS),
-                          f'Arms, any of {", ".join(arms_lib.ARMS)}.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds of every arm.')
-_UPDATES = flags.DEFINE_integer('updates', 300, 'Optimizer updates per fine-tuning run.',
-                                lower_bound=1)
-_LR = flags.DEFINE_float('lr', 1e-4, 'Fine-tuning learning rate (no warm-up).', lower_bound=0)
+_REGIME = flags.DEFINE_enum('regime', 'paper', list(regimes.REGIMES),
+                            'Preset of arms, seeds, base and budget (experiments/regimes.py); '
+                            'the flags below override it.')
+_BASE = flags.DEFINE_string('base', '', 'A trained run of --config to fine-tune (or, for '
+                            '--regime=cd, distil) from; empty: train one into WORKDIR/base.')
+_ARMS = flags.DEFINE_list('arms', None, f'Arms, any of {", ".join(arms_lib.ARMS)}, base '
+                          f'(or, for --regime=cd, {", ".join(arms_lib.CM_ARMS)}).')
+_SEEDS = flags.DEFINE_list('seeds', None, 'Training seeds of the main arms.')
+_FEW_SEEDS = flags.DEFINE_integer('few_seeds', None, 'How many of --seeds the other arms '
+                                  'take.', lower_bound=1)
+_UPDATES = flags.DEFINE_integer('updates', None, 'Optimizer updates per fine-tuning run '
+                                '(instead of the regime\'s).', lower_bound=1)
+_UPDATES_RATIO = flags.DEFINE_float('updates_ratio', None, 'Fine-tuning updates as a '
+                                    'multiple of the base\'s.', lower_bound=0)
+_LR = flags.DEFINE_float('lr', None, 'Fine-tuning learning rate (no warm-up).', lower_bound=0)
+_BASE_CHECK_EVERY = flags.DEFINE_integer('base_check_every', None, 'Plateau rule: minibatches '
+                                         'between checks of the base.', lower_bound=1)
+_BASE_MAX = flags.DEFINE_integer('base_max', None, 'Plateau rule: the most minibatches of the '
+                                 'base.', lower_bound=1)
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 512, 'Samples per evaluation cell.',
                                     lower_bound=1)
-_SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim', 'dpm_solver++'],
-                              'Samplers of the sweep.')
-_NFES = flags.DEFINE_list('nfes', ['5', '10', '20'], 'NFEs of the sweep.')
+_SAMPLERS = flags.DEFINE_list('samplers', None, 'Samplers of the sweep.')
+_NFES = flags.DEFINE_list('nfes', None, 'NFEs of the sweep.')
 _EVAL_SEED = flags.DEFINE_integer('eval_seed', 1000, 'Sampling seed of every evaluation '
                                   '(the same for all arms; not a training seed).')
 _EVAL_BATCH = flags.DEFINE_integer('eval_batch', 256, 'Images per sampler call.', lower_bound=1)
-_PROBE = flags.DEFINE_string('probe', 'ddim:10', 'Mismatch probe sampler:NFE; empty: none.')
+_PROBE = flags.DEFINE_string('probe', None, 'Mismatch probe sampler:NFE; empty: none.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
 
 
 def _int_list(name: str, values: Sequence[str]) -> list[int]:
@@ -60,6 +75,10 @@ def _int_list(name: str, values: Sequence[str]) -> list[int]:
     raise app.UsageError(f'--{name}: integers expected, got {",".join(values)}') from None
 
 
+def _given(flag, default):
+  return default if flag.value is None else flag.value
+
+
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
@@ -67,29 +86,52 @@ def main(argv):
   for noisy in ('absl', 'jax._src', 'orbax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
+  import dataclasses
   from atdiff_jax import checkpoint
   from atdiff_jax.experiments import runner
+  regime = regimes.REGIMES[_REGIME.value]
+  probe_text = _given(_PROBE, regime.probe)
   probe = None
-  if _PROBE.value:
-    sampler, _, nfe = _PROBE.value.partition(':')
+  if probe_text:
+    sampler, _, nfe = probe_text.partition(':')
     if not nfe.isdigit():
-      raise app.UsageError(f'--probe={_PROBE.value!r}: expected sampler:NFE, e.g. ddim:10')
+      raise app.UsageError(f'--probe={probe_text!r}: expected sampler:NFE, e.g. ddim:10')
     probe = (sampler, int(nfe))
+  if regime.needs_base and not _BASE.value:
+    raise app.UsageError(f'--regime={_REGIME.value} needs --base=RUN (the DPM to start from)')
+  seeds = tuple(_int_list('seeds', _SEEDS.value) if _SEEDS.value else regime.seeds)
+  updates, ratio = regime.updates, regime.updates_ratio
+  if _UPDATES.value is not None:
+    updates, ratio = _UPDATES.value, None
+  if _UPDATES_RATIO.value is not None:
+    updates, ratio = regime.updates or 300, _UPDATES_RATIO.value
+  rule = regime.base_rule
+  if rule is not None:
+    rule = dataclasses.replace(
+        rule, check_every=_given(_BASE_CHECK_EVERY, rule.check_every),
+        max_minibatches=_given(_BASE_MAX, rule.max_minibatches))
+  arm_names = tuple(_ARMS.value or regime.arms)
   _enable_compilation_cache(_WORKDIR.value)
   try:
-    runner.run_experiment(_CONFIG.value, _WORKDIR.value, base=_BASE.value, arm_names=_ARMS.value,
-                   seeds=_int_list('seeds', _SEEDS.value), updates=_UPDATES.value,
-                   lr=_LR.value, samplers=_SAMPLERS.value, nfes=_int_list('nfes', _NFES.value),
-                   num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
-                   eval_batch=_EVAL_BATCH.value, probe=probe)
+    runner.run_experiment(
+        _CONFIG.value, _WORKDIR.value, base=_BASE.value, arm_names=arm_names, seeds=seeds,
+        seeds_by_arm=dataclasses.replace(regime, arms=arm_names).seeds_by_arm(
+            seeds, _given(_FEW_SEEDS, regime.few_seeds)),
+        updates=updates, updates_ratio=ratio, lr=_given(_LR, regime.lr),
+        samplers=tuple(_given(_SAMPLERS, regime.samplers)),
+        nfes=_int_list('nfes', _NFES.value) if _NFES.value else regime.nfes,
+        num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
+        eval_batch=_EVAL_BATCH.value, probe=probe, base_rule=rule,
+        known_arms=regime.known_arms, reference=regime.reference,
+        source_field=regime.source_field, title=regime.title)
   except (ValueError, checkpoint.CheckpointError) as e:  # ConfigError, unknown arms, no base
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 def _enable_compilation_cache(workdir: str) -> None:
-  """Every arm and seed compiles the same sampler programs: a persistent cache (the user's,
-  else one in WORKDIR) makes all but the first a lookup."""
+  """Every arm and seed compiles the same train step: a persistent cache (the user's, else
+  one in WORKDIR) makes all but the first a lookup."""
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))

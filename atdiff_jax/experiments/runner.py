@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -12,8 +13,9 @@ from typing import Any, Sequence
 import jax
 
 from atdiff_jax import checkpoint, config as config_lib, evaluation, train
-from atdiff_jax.evaluation import report, run as run_lib
+from atdiff_jax.evaluation import report, sweep, run as run_lib
 from atdiff_jax.experiments import arms as arms_lib
+from atdiff_jax.experiments import plateau
 from atdiff_jax.experiments import summary as summary_lib
 from atdiff_jax.samplers import options as sampler_options
 
@@ -32,17 +34,14 @@ def eval_block(config, samplers: Sequence[str], nfes: Sequence[int], num_samples
   ev.step, ev.use_ema, ev.ema_index = -1, True, 0
 
 
-def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int,
-            probe: tuple[str, int] | None) -> dict[str, Any]:
-  """Fine-tunes, evaluates and probes one (arm, seed); returns (and writes) its result."""
-  start = time.perf_counter()
-  train.train(config, workdir)
-  trained = time.perf_counter()
+def evaluate_checkpoint(config, workdir: str, out_dir: str,
+                        probe: tuple[str, int] | None) -> dict[str, Any]:
+  """The sweep of `config.eval` (into `out_dir`) and the mismatch probe of `workdir`'s latest
+  checkpoint: {'metric', 'scores', 'mismatch'[, 'mismatch_setting']}."""
   run = evaluation.open_run(workdir, config, 'eval')
-  rows = evaluation.evaluate(run, verbose=False)
+  rows = evaluation.evaluate(run, out_dir, verbose=False)
   metric = next(m for m in report.PLOT_METRICS if m in rows[0])
-  result = {'arm': arm.name, 'about': arm.about, 'seed': seed, 'metric': metric,
-            'updates': int(run.step) * arms_lib.updates_per_minibatch(config),
+  result = {'metric': metric, 'step': int(run.step),
             'scores': {summary_lib.cell_key(row['sampler'], row['nfe']): row[metric]
                        for row in rows},
             'mismatch': {}}
@@ -56,58 +55,137 @@ def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int,
     result['mismatch'] = {k: float(mismatch.values[k].mean())
                           for k in summary_lib.MISMATCH_FIELDS}
     result['mismatch_setting'] = summary_lib.cell_key(sampler, nfe)
+  return result
+
+
+def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int | None,
+            probe: tuple[str, int] | None, checkpoint_dir: str | None = None
+            ) -> dict[str, Any]:
+  """Fine-tunes (unless `checkpoint_dir` gives the checkpoint to score as it is), evaluates
+  and probes one (arm, seed); returns (and writes) its result."""
+  start = time.perf_counter()
+  if checkpoint_dir is None:
+    train.train(config, workdir)
+  trained = time.perf_counter()
+  scored = evaluate_checkpoint(config, checkpoint_dir or workdir,
+                               os.path.join(workdir, sweep.EVAL_DIR), probe)
+  result = {'arm': arm.name, 'about': arm.about, 'seed': seed, 'metric': scored['metric'],
+            'updates': (0 if checkpoint_dir else
+                        scored['step'] * arms_lib.updates_per_minibatch(config)),
+            'scores': scored['scores'], 'mismatch': scored['mismatch']}
+  if 'mismatch_setting' in scored:
+    result['mismatch_setting'] = scored['mismatch_setting']
   result['train_s'] = round(trained - start, 1)
   result['eval_s'] = round(time.perf_counter() - trained, 1)
+  os.makedirs(workdir, exist_ok=True)
   report.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=2))
   return result
 
 
-def run_experiment(base_config, workdir: str, *, base: str = '',
-                   arm_names: Sequence[str] = arms_lib.DEFAULT_ARMS,
-                   seeds: Sequence[int] = (0, 1, 2), updates: int = 300, lr: float = 1e-4,
-                   samplers: Sequence[str] = ('ancestral', 'ddim', 'dpm_solver++'),
-                   nfes: Sequence[int] = (5, 10, 20), num_samples: int = 512,
-                   eval_seed: int = 1000, eval_batch: int = 256,
-                   probe: tuple[str, int] | None = ('ddim', 10)) -> dict[str, Any]:
-  """The whole experiment (see the module doc); returns the summary."""
-  arms = arms_lib.resolve_arms(arm_names)
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise config_lib.ConfigError(f'seeds {list(seeds)}: give one or more distinct seeds')
-  base_dir = base or os.path.join(workdir, 'base')
-  # Every config is built and checked before anything trains or compiles.
-  base_config = base_config.copy_and_resolve_references()
-  eval_block(base_config, samplers, nfes, num_samples, eval_seed, eval_batch, probe)
+def fine_tune_updates(base_updates: int, ratio: float, arms: Sequence[arms_lib.Arm],
+                      base_config) -> int:
+  """At least `ratio` times the base's optimizer updates, rounded up to whole minibatches
+  of every arm (free AT's K updates per minibatch)."""
+  step = 1
+  for arm in arms:
+    config = base_config.copy_and_resolve_references()
+    config.unlock()
+    arm.apply(config)
+    step = math.lcm(step, arms_lib.updates_per_minibatch(config))
+  return max(step, math.ceil(ratio * base_updates / step) * step)
+
+
+def _plan(base_config, workdir, arms, seeds_by_arm, updates, lr, base_dir, source_field):
+  """(arm, seed, config or None for the base itself, folder) of every run, each config
+  checked: a bad one stops the experiment before anything trains."""
   plan = []
   for arm in arms:
-    for seed in seeds:
+    for seed in seeds_by_arm[arm.name]:
+      folder = os.path.join(workdir, 'arms', arm.name, f'seed{seed}')
+      if arm.name == arms_lib.BASE.name:
+        plan.append((arm, None, None, os.path.join(workdir, 'arms', arm.name)))
+        continue
       try:
-        config = arms_lib.arm_config(base_config, arm, seed, updates, lr, base_dir)
+        config = arms_lib.arm_config(base_config, arm, seed, updates, lr, base_dir,
+                                     source_field)
       except ValueError as e:
         raise config_lib.ConfigError(f'--updates={updates}: {e}') from None
       config_lib.validate_training(config, jax.device_count(), jax.process_count())
       run_lib.validate_eval(config, 'eval', jax.device_count())
       sampler_options.check_config_options(config.eval)
-      plan.append((arm, seed, config, os.path.join(workdir, 'arms', arm.name, f'seed{seed}')))
+      plan.append((arm, seed, config, folder))
+  return plan
+
+
+def run_experiment(base_config, workdir: str, *, base: str = '',
+                   arm_names: Sequence[str] = arms_lib.SHORT_ARMS,
+                   seeds: Sequence[int] = (0, 1, 2),
+                   seeds_by_arm: dict[str, Sequence[int]] | None = None,
+                   updates: int = 300, updates_ratio: float | None = None,
+                   lr: float = 1e-4,
+                   samplers: Sequence[str] = ('ancestral', 'ddim', 'dpm_solver++'),
+                   nfes: Sequence[int] = (5, 10, 20), num_samples: int = 512,
+                   eval_seed: int = 1000, eval_batch: int = 256,
+                   probe: tuple[str, int] | None = ('ddim', 10),
+                   base_rule: plateau.PlateauRule | None = None,
+                   known_arms: dict[str, arms_lib.Arm] | None = None,
+                   reference: str = 'standard', source_field: str = 'init_from',
+                   title: str = 'AT vs standard training') -> dict[str, Any]:
+  """The whole experiment (see the module doc); returns the summary.
+
+  `seeds_by_arm` gives an arm other seeds than `seeds`. `updates_ratio` sets the fine-tuning
+  updates to that multiple of the base's (else `updates`). `base_rule` trains the base until
+  its metric stops improving (else for `base_config`'s num_steps). `source_field` is the
+  field that points the arms at the base: init_from (fine-tuning) or teacher (distillation).
+  """
+  arms = arms_lib.resolve_arms(arm_names, known_arms, reference)
+  seeds_by_arm = {arm.name: tuple((seeds_by_arm or {}).get(arm.name, seeds)) for arm in arms}
+  for name, arm_seeds in seeds_by_arm.items():
+    if not arm_seeds or len(set(arm_seeds)) != len(arm_seeds):
+      raise config_lib.ConfigError(f'seeds {list(arm_seeds)} of arm {name}: give one or more '
+                                   'distinct seeds')
+  seeds_by_arm[arms_lib.BASE.name] = (None,)  # one checkpoint, no training seed
+  if base_rule is not None:
+    base_rule.check()
+  base_dir = base or os.path.join(workdir, 'base')
+  # Every config is built and checked before anything trains or compiles.
+  base_config = base_config.copy_and_resolve_references()
+  eval_block(base_config, samplers, nfes, num_samples, eval_seed, eval_batch, probe)
+  trial_updates = (fine_tune_updates(1, 1.0, arms, base_config) if updates_ratio is not None
+                   else updates)
+  _plan(base_config, workdir, arms, seeds_by_arm, trial_updates, lr, base_dir, source_field)
   if probe is not None:
     run_lib.validate_eval(base_config, 'sample', jax.device_count())
+  base_record = None
   if base:
     checkpoint.find_checkpoint(base)  # a missing base stops here
   else:
     print(f'experiment: base run -> {base_dir}', flush=True)
-    train.train(base_config, base_dir)
+    if base_rule is not None:
+      base_record = plateau.train_to_plateau(base_config, base_dir, base_rule)
+    else:
+      train.train(base_config, base_dir)
+  base_updates = _checkpoint_updates(base_dir)
+  if updates_ratio is not None:
+    updates = fine_tune_updates(base_updates, updates_ratio, arms, base_config)
+  plan = _plan(base_config, workdir, arms, seeds_by_arm, updates, lr, base_dir, source_field)
 
   results, start, done_now = [], time.perf_counter(), 0
   for i, (arm, seed, config, arm_dir) in enumerate(plan):
-    label = f'[{i + 1}/{len(plan)}] {arm.name} seed {seed}'
+    label = f'[{i + 1}/{len(plan)}] {arm.name}' + ('' if seed is None else f' seed {seed}')
     path = os.path.join(arm_dir, RESULT_FILE)
     if os.path.isfile(path):
       with open(path) as f:
         results.append(json.load(f))
       print(f'experiment: {label}: done earlier, skipped', flush=True)
       continue
-    print(f'experiment: {label}: {arm.about}, {config.training.num_steps} minibatches',
-          flush=True)
-    result = run_arm(config, arm_dir, arm, seed, probe)
+    if config is None:  # the base itself, scored with the arms' eval settings
+      print(f'experiment: {label}: {arm.about}', flush=True)
+      result = run_arm(base_config, arm_dir, arm, None, probe, checkpoint_dir=base_dir)
+    else:
+      print(f'experiment: {label}: {arm.about}, {config.training.num_steps} minibatches',
+            flush=True)
+      result = run_arm(config, arm_dir, arm, seed, probe)
     results.append(result)
     done_now += 1
     per_run = (time.perf_counter() - start) / done_now
@@ -116,19 +194,29 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
           f's | {result["metric"]}: {scores} | ETA '
           f'{per_run * (len(plan) - i - 1) / 60:.0f} min', flush=True)
 
-  summary = summary_lib.summarize(results, [a.name for a in arms])
-  settings = {'base': base_dir, 'arms': ', '.join(a.name for a in arms),
-              'seeds': ', '.join(map(str, seeds)),
+  summary = summary_lib.summarize(results, [a.name for a in arms], reference)
+  settings = {'base': base_dir, 'base optimizer updates': base_updates,
+              'arms': ', '.join(a.name for a in arms),
+              'seeds': '; '.join(f'{a.name}: {", ".join(map(str, seeds_by_arm[a.name]))}'
+                                 for a in arms if a.name != arms_lib.BASE.name),
               'optimizer updates per arm': updates, 'fine-tuning lr': lr,
               'samples per cell': num_samples, 'eval seed': eval_seed,
               'mismatch probe': f'{probe[0]} NFE {probe[1]}' if probe else 'none'}
+  if base_record is not None:
+    settings['base stop'] = (f'minibatch {base_record["stopped_at"]}: '
+                             f'{base_record["reason"]} (see base/{plateau.CURVE_PNG})')
   if jax.process_index() == 0:
     report.atomic_write(os.path.join(workdir, 'results.json'), json.dumps(
-        {'settings': settings, 'summary': summary, 'runs': results}, indent=2))
-    markdown = summary_lib.to_markdown(summary, settings)
+        {'settings': settings, 'summary': summary, 'runs': results,
+         'base_curve': base_record}, indent=2))
+    markdown = summary_lib.to_markdown(summary, settings, title)
     report.atomic_write(os.path.join(workdir, 'results.md'), markdown)
     summary_lib.plot(summary, os.path.join(workdir, f'{summary["metric"]}_vs_nfe.png'))
     print(markdown, flush=True)
   return summary
 
 
+def _checkpoint_updates(workdir: str) -> int:
+  """Optimizer updates of a run's latest checkpoint (minibatches times K from its config)."""
+  step = int(os.path.basename(checkpoint.find_checkpoint(workdir)))
+  return step * arms_lib.updates_per_minibatch(checkpoint.load_config(workdir))

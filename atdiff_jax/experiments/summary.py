@@ -51,9 +51,26 @@ def compare(arm: dict[str, Any], base: dict[str, Any]) -> tuple[str, float]:
   return TIE, diff
 
 
-def summarize(results: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> dict[str, Any]:
-  """Per arm and column: stats over seeds, the verdict against the 'standard' arm and the
-  paired differences to it (`paired`: stats of arm - standard over the shared seeds)."""
+def compare_to_point(arm: dict[str, Any], value: float) -> tuple[str, float]:
+  """(verdict, arm mean - value) against one checkpoint's value (the base, which has no
+  seed spread): beyond twice the arm's own standard error."""
+  diff = arm['mean'] - value
+  if arm['n'] < 2:
+    return UNKNOWN, diff
+  se = arm['std'] / math.sqrt(arm['n'])
+  if diff < -2.0 * se:
+    return BETTER, diff
+  if diff > 2.0 * se:
+    return WORSE, diff
+  return TIE, diff
+
+
+def summarize(results: Sequence[dict[str, Any]], arm_order: Sequence[str],
+              reference: str = 'standard', base: str = 'base') -> dict[str, Any]:
+  """Per arm and column: stats over seeds, the verdict against the `reference` arm and the
+  paired differences to it (`paired`: stats of arm - reference over the shared seeds); with
+  results of the `base` arm (the checkpoint every arm started from, scored once), also the
+  verdict against it (`vs_base`, `diff_base`): the paper-style comparison."""
   columns: list[str] = []
   per_arm: dict[str, dict[str, dict[int, float]]] = {}
   for r in results:
@@ -64,37 +81,55 @@ def summarize(results: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> di
         columns.append(column)
       per_arm.setdefault(r['arm'], {}).setdefault(column, {})[r['seed']] = float(value)
   arms = [a for a in arm_order if a in per_arm]
-  if 'standard' not in per_arm:
-    raise ValueError('no results of the standard arm: nothing to compare with')
+  if reference not in per_arm:
+    raise ValueError(f'no results of the {reference} arm: nothing to compare with')
+  base_values = {column: next(iter(by_seed.values()))
+                 for column, by_seed in per_arm.get(base, {}).items()}
   table = {}
   for arm in arms:
     table[arm] = {}
     for column, by_seed in per_arm[arm].items():
       stats = table[arm][column] = _stats(list(by_seed.values())) | {'seeds': list(by_seed)}
-      base_by_seed = per_arm['standard'].get(column)
-      if arm == 'standard' or base_by_seed is None:
+      if arm != base and column in base_values:
+        stats['vs_base'], stats['diff_base'] = compare_to_point(stats, base_values[column])
+      base_by_seed = per_arm[reference].get(column)
+      if arm in (reference, base) or base_by_seed is None:
         continue
       stats['verdict'], stats['diff'] = compare(stats, _stats(list(base_by_seed.values())))
       shared = [seed for seed in by_seed if seed in base_by_seed]
       if shared:
         stats['paired'] = _stats([by_seed[seed] - base_by_seed[seed] for seed in shared])
-  return {'metric': results[0]['metric'], 'columns': columns, 'arms': table}
+  return {'metric': results[0]['metric'], 'columns': columns, 'arms': table,
+          'reference': reference, 'base': base if base in per_arm else None}
+
+
+def _where(cells: dict[str, Any], columns: Sequence[str], field: str) -> dict[str, str]:
+  said = {BETTER: [], WORSE: []}
+  for column in columns:
+    verdict = cells.get(column, {}).get(field)
+    if verdict in said:
+      said[verdict].append(column)
+  return {k: ', '.join(v) or 'nowhere' for k, v in said.items()}
 
 
 def verdict_lines(summary: dict[str, Any]) -> list[str]:
-  """One plain sentence per arm: where it beats standard training, where it loses."""
+  """One plain sentence per arm: where it beats the reference (and the base), where it
+  loses."""
+  reference, base = summary.get('reference', 'standard'), summary.get('base')
   lines = []
   for arm, cells in summary['arms'].items():
-    if arm == 'standard':
+    if arm in (reference, base):
       continue
-    said = {BETTER: [], WORSE: []}
-    for column in summary['columns']:
-      verdict = cells.get(column, {}).get('verdict')
-      if verdict in said:
-        said[verdict].append(column)
-    better = ', '.join(said[BETTER]) or 'nowhere'
-    worse = ', '.join(said[WORSE]) or 'nowhere'
-    lines.append(f'- **{arm}** beats standard at: {better}; worse at: {worse}.')
+    fair = _where(cells, summary['columns'], 'verdict')
+    lines.append(f'- **{arm}** beats {reference} at: {fair[BETTER]}; worse at: '
+                 f'{fair[WORSE]}.')
+  if base:
+    for arm, cells in summary['arms'].items():
+      if arm == base:
+        continue
+      paper = _where(cells, summary['columns'], 'vs_base')
+      lines.append(f'- **{arm}** beats {base} (paper-style) at: {paper[BETTER]}; worse at: '
+                   f'{paper[WORSE]}.')
   return lines
 
 
@@ -110,27 +145,43 @@ def _format(stats: dict[str, Any]) -> str:
   return text
 
 
-def to_markdown(summary: dict[str, Any], settings: dict[str, Any]) -> str:
+def to_markdown(summary: dict[str, Any], settings: dict[str, Any],
+                title: str = 'AT vs standard training') -> str:
   columns = summary['columns']
+  reference, base = summary.get('reference', 'standard'), summary.get('base')
   header = ['arm'] + columns
   body = [[arm] + [_format(cells[c]) if c in cells else '' for c in columns]
           for arm, cells in summary['arms'].items()]
-  lines = ['# AT vs standard training', '']
+  lines = [f'# {title}', '']
   lines += [f'- {k}: {v}' for k, v in settings.items()]
   lines += ['', f'Mean ± sample standard deviation over seeds; {summary["metric"]} of the '
             'samples and the mismatch probe\'s eps-errors, lower is better. **Bold**: lower '
-            'than standard by more than twice the standard error of the difference; '
-            '_italic_: higher by as much.', '']
+            f'than {reference} (the fair baseline: the same number of updates) by more than '
+            'twice the standard error of the difference; _italic_: higher by as much.', '']
   lines += report.markdown_table(header, body)
+  if base:
+    lines += ['', f'## Against the {base} checkpoint (paper-style)', '',
+              f'Arm mean - {base} value; **bold**: lower by more than twice the arm\'s '
+              'standard error, _italic_: higher by as much.', '']
+    lines += report.markdown_table(header, [
+        [arm] + [_format_base(cells.get(c)) for c in columns]
+        for arm, cells in summary['arms'].items() if arm != base])
   lines += ['', '## Verdicts', ''] + verdict_lines(summary)
   paired = [[arm] + [_format_paired(cells[c].get('paired')) if c in cells else ''
                      for c in columns]
-            for arm, cells in summary['arms'].items() if arm != 'standard']
+            for arm, cells in summary['arms'].items() if arm not in (reference, base)]
   lines += ['', '## Paired differences', '',
-            'Arm - standard with the same training seed (shared data order and draws), mean '
-            '± sample standard deviation over seeds; negative is better.', '']
+            f'Arm - {reference} with the same training seed (shared data order and draws), '
+            'mean ± sample standard deviation over seeds; negative is better.', '']
   lines += report.markdown_table(header, paired)
   return '\n'.join(lines) + '\n'
+
+
+def _format_base(stats: dict[str, Any] | None) -> str:
+  if stats is None or 'diff_base' not in stats:
+    return ''
+  text = f'{stats["diff_base"]:+.3g}'
+  return {BETTER: f'**{text}**', WORSE: f'_{text}_'}.get(stats['vs_base'], text)
 
 
 def _format_paired(stats: dict[str, Any] | None) -> str:
@@ -162,9 +213,10 @@ def plot(summary: dict[str, Any], path: str) -> bool:
       nfes = [p[0] for p in present]
       means = [p[1]['mean'] for p in present]
       errors = [0.0 if math.isnan(p[1]['std']) else p[1]['std'] for p in present]
+      reference = arm == summary.get('reference', 'standard')
       ax.errorbar(nfes, means, yerr=errors, marker='o', capsize=3, label=arm,
-                  linewidth=2.0 if arm == 'standard' else 1.2,
-                  color='black' if arm == 'standard' else None)
+                  linewidth=2.0 if reference else 1.2, color='black' if reference else None,
+                  linestyle='--' if arm == summary.get('base') else '-')
     ax.set_xscale('log')
     ax.minorticks_off()
     ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
