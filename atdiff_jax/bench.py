@@ -3,7 +3,8 @@
 Measures, on the current backend, the train step under each adversarial-training variant
 (compile time, speed, MFU, memory; optionally with a rolled replay loop or remat), the
 samplers at a fixed NFE, Inception feature extraction, and the FID pipeline end to end
-(sampling + Inception + Frechet distance). It prints a markdown header, then each part's
+(sampling + Inception + Frechet distance), and an evaluation sweep over several checkpoints
+with programs built per run against once a process (`sweep`, not in the default parts). It prints a markdown header, then each part's
 table as soon as the part is done, so a run cut short still shows what it measured
 (progress goes to stderr); `--json` keeps every number, rewritten after each part.
 """
@@ -16,10 +17,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-PARTS = ('train', 'sample', 'inception', 'fid')
+PARTS = ('train', 'sample', 'inception', 'fid', 'sweep')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WHAT = flags.DEFINE_list('what', list(PARTS), f'Parts to run, any of {", ".join(PARTS)}.')
+_WHAT = flags.DEFINE_list('what', list(PARTS[:-1]), f'Parts to run, any of {", ".join(PARTS)}.')
+_SWEEP_RUNS = flags.DEFINE_integer('sweep_runs', 3, 'Checkpoints scored by the sweep part.',
+                                   lower_bound=2)
+_SWEEP_SAMPLES = flags.DEFINE_integer('sweep_samples', 256, 'Samples per cell of the sweep '
+                                      'part (its cells: config.eval).', lower_bound=2)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.', lower_bound=1)
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each variant before timing.',
                                lower_bound=0)
@@ -109,6 +114,9 @@ def main(argv):
           config, _FID_SAMPLES.value, _FID_SAMPLER.value, _NFE.value,
           _INCEPTION_BATCH.value, _INCEPTION_WEIGHTS.value, log=_log)
       done('fid', result, benchmarks.format_fid_table(result))
+    if 'sweep' in _WHAT.value:
+      result = benchmarks.bench_sweep(config, _SWEEP_RUNS.value, _SWEEP_SAMPLES.value, log=_log)
+      done('sweep', result, benchmarks.format_sweep_table(result))
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -343,6 +343,24 @@ def test_flip_is_deterministic_and_flips_some_images():
   assert not np.array_equal(flipped, plain)  # digits are not mirror-symmetric
 
 
+def test_flip_never_writes_the_sources_storage():
+  """A source may hand out views of its own arrays: flipping must copy first."""
+  stored = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8, 1)
+  kept = stored.copy()
+
+  class ViewSource:
+    def __len__(self):
+      return 4
+
+    def get(self, indices):
+      del indices
+      return stored, np.zeros(4, np.int32)  # the storage itself, not a copy
+
+  images, _ = data.load_host_batch(ViewSource(), 4, 1, 0, random_flip=True)
+  np.testing.assert_array_equal(stored, kept)
+  assert not np.array_equal(images, kept)
+
+
 def test_to_uint8_inverts_the_model_range():
   values = np.arange(256, dtype=np.uint8)
   np.testing.assert_array_equal(data.to_uint8(values / 127.5 - 1.0), values)

@@ -9,8 +9,9 @@ from atdiff_jax.benchmarks.fid_pipeline import bench_fid_pipeline
 from atdiff_jax.benchmarks.inception import bench_inception
 from atdiff_jax.benchmarks.report import (format_fid_table, format_header,
                                           format_inception_table, format_sample_table,
-                                          format_train_table)
+                                          format_sweep_table, format_train_table)
 from atdiff_jax.benchmarks.sample import bench_sample
+from atdiff_jax.benchmarks.sweep import bench_sweep
 from atdiff_jax.samplers import SAMPLERS
 from atdiff_jax.benchmarks.train import (DEFAULT_VARIANTS, Variant, bench_train, parse_variants,
                                          variant_config)
@@ -22,12 +23,14 @@ __all__ = [
     'bench_fid_pipeline',
     'bench_inception',
     'bench_sample',
+    'bench_sweep',
     'bench_train',
     'environment',
     'format_fid_table',
     'format_header',
     'format_inception_table',
     'format_sample_table',
+    'format_sweep_table',
     'format_train_table',
     'parse_variants',
     'variant_config',

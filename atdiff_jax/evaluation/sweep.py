@@ -89,6 +89,12 @@ def setup_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return _METRICS[key]
 
 
+def forget_setup() -> None:
+  """Forgets the metrics and compiled programs set up in this process."""
+  _METRICS.clear()
+  run_lib.clear_compiled_programs()
+
+
 def _build_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    out_dir: str) -> list[Metric]:
   ev, data_config = config.eval, config.data

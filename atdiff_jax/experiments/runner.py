@@ -97,23 +97,28 @@ def fine_tune_updates(base_updates: int, ratio: float, arms: Sequence[arms_lib.A
 
 def _plan(base_config, workdir, arms, seeds_by_arm, updates, lr, base_dir, source_field):
   """(arm, seed, config or None for the base itself, folder) of every run, each config
-  checked: a bad one stops the experiment before anything trains."""
+  checked: a bad one stops the experiment before anything trains.
+
+  Seed by seed: every arm's first seed, then every arm's second, ..., so that an experiment
+  cut short still compares all arms on the seeds it finished.
+  """
   plan = []
-  for arm in arms:
-    for seed in seeds_by_arm[arm.name]:
-      folder = os.path.join(workdir, 'arms', arm.name, f'seed{seed}')
-      if arm.name == arms_lib.BASE.name:
-        plan.append((arm, None, None, os.path.join(workdir, 'arms', arm.name)))
-        continue
-      try:
-        config = arms_lib.arm_config(base_config, arm, seed, updates, lr, base_dir,
-                                     source_field)
-      except ValueError as e:
-        raise config_lib.ConfigError(f'--updates={updates}: {e}') from None
-      config_lib.validate_training(config, jax.device_count(), jax.process_count())
-      run_lib.validate_eval(config, 'eval', jax.device_count())
-      sampler_options.check_config_options(config.eval)
-      plan.append((arm, seed, config, folder))
+  order = sorted(((i, arm, seed) for arm in arms
+                  for i, seed in enumerate(seeds_by_arm[arm.name])), key=lambda x: x[0])
+  for _, arm, seed in order:
+    folder = os.path.join(workdir, 'arms', arm.name, f'seed{seed}')
+    if arm.name == arms_lib.BASE.name:
+      plan.append((arm, None, None, os.path.join(workdir, 'arms', arm.name)))
+      continue
+    try:
+      config = arms_lib.arm_config(base_config, arm, seed, updates, lr, base_dir,
+                                   source_field)
+    except ValueError as e:
+      raise config_lib.ConfigError(f'--updates={updates}: {e}') from None
+    config_lib.validate_training(config, jax.device_count(), jax.process_count())
+    run_lib.validate_eval(config, 'eval', jax.device_count())
+    sampler_options.check_config_options(config.eval)
+    plan.append((arm, seed, config, folder))
   return plan
 
 
