@@ -42,9 +42,10 @@ def params_model_fn(model, config: ml_collections.ConfigDict | None = None
 
 def sampler_defaults(config: ml_collections.ConfigDict, sampler: str) -> dict:
   """Options a run's own training settles: the consistency sampler starts at the sigma~_max
-  a consistency run was trained up to."""
+  a consistency run was trained up to and stops at its boundary timestep t_min."""
   if sampler == 'consistency' and is_consistency(config):
-    return {'sigma_max': float(config.consistency.sigma_max)}
+    return {'sigma_max': float(config.consistency.sigma_max),
+            't_min': float(config.consistency.t_min)}
   return {}
 
 

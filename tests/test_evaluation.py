@@ -22,7 +22,7 @@ from PIL import Image
 
 from atdiff_jax import checkpoint
 from atdiff_jax import config as config_lib
-from atdiff_jax import evaluation
+from atdiff_jax import evaluation, sampling
 from atdiff_jax.data.sources import ArraySource
 from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.evaluation import run as run_lib
@@ -408,3 +408,22 @@ def test_consistency_times_must_fit_every_nfe():
     run_lib.validate_eval(config, 'eval', 8)
   config.eval.sampler_options.consistency.timesteps = (90.0, 40.0)
   run_lib.validate_eval(config, 'eval', 8)
+
+
+def test_consistency_times_lie_above_the_runs_t_min():
+  config = _eval_config()
+  config.objective, config.consistency.t_min = 'ct', 50
+  config.eval.samplers, config.eval.nfes = ('consistency',), (2,)
+  assert sampling.sampler_defaults(config, 'consistency') == {
+      'sigma_max': float(config.consistency.sigma_max), 't_min': 50.0}
+  assert sampling.sampler_defaults(config, 'ddim') == {}
+  # At or below t_min the consistency function is the identity.
+  config.eval.sampler_options.consistency.timesteps = (90.0, 40.0)
+  with pytest.raises(config_lib.ConfigError, match=r'within \(50, 99\]'):
+    run_lib.validate_eval(config, 'eval', 8)
+  config.eval.sampler_options.consistency.timesteps = (90.0, 60.0)
+  run_lib.validate_eval(config, 'eval', 8)
+  config.eval.sampler_options.consistency.timesteps = ()
+  config.eval.sampler_options.consistency.sigma_max = 0.5  # sigma~ of t = 50 is about 1
+  with pytest.raises(config_lib.ConfigError, match=r'sigma_max=0.5: must be above sigma~'):
+    run_lib.validate_eval(config, 'eval', 8)

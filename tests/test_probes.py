@@ -1,10 +1,13 @@
 """The sampler hooks and the mismatch / robustness probes, on closed-form models."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from atdiff_jax import adversarial, samplers
+from conftest import tiny_config
 from atdiff_jax.evaluation import mismatch, robustness
 from gaussian_oracle import BETAS, T, key, learned_sigma_oracle, oracle_model
 
@@ -151,3 +154,17 @@ def test_sampling_attack_hits_only_the_chosen_steps():
       x0_pred(clean.x[step] + noise, oracle_model(clean.x[step] + noise, t, None))
       - x0_pred(clean.x[step], clean.eps[step]))).mean()
   assert shift > 1.2 * random_shift
+
+
+def test_mismatch_probe_samples_a_consistency_run_between_its_own_times(monkeypatch):
+  config = tiny_config()
+  config.objective, config.consistency.t_min = 'ct', 30
+  seen = []
+  monkeypatch.setattr(mismatch, 'make_mismatch_fn', lambda *args, **opts: seen.append(opts))
+  monkeypatch.setattr(mismatch, 'run_mismatch', lambda *args, **kwargs: None)
+  run = types.SimpleNamespace(config=config, default_batch_size=8, model_fn=lambda: None,
+                              betas=BETAS, mesh=None, params=None)
+  mismatch.measure_mismatch(run, 'consistency', 2)
+  mismatch.measure_mismatch(run, 'consistency', 2, sigma_max=5.0)  # given options win
+  sigma_max = float(config.consistency.sigma_max)
+  assert seen == [{'sigma_max': sigma_max, 't_min': 30.0}, {'sigma_max': 5.0, 't_min': 30.0}]

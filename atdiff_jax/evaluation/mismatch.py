@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from atdiff_jax import parallel, samplers
+from atdiff_jax import parallel, samplers, sampling
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.generate import batch_labels
 from atdiff_jax.samplers import common
@@ -133,6 +133,8 @@ def measure_mismatch(run: run_lib.Run, sampler: str = 'dpm_solver++', nfe: int =
              **opts: Any) -> MismatchResult:
   """The mismatch probe of one sampler setting on a trained run (see the module doc)."""
   config = run.config
+  # As run.sample_fn does: a consistency run samples from its own sigma_max down to its t_min.
+  opts = sampling.sampler_defaults(config, sampler) | opts
   batch_size = run.default_batch_size if batch_size is None else int(batch_size)
   shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
   probe_fn = run_lib.compiled_program(

@@ -270,20 +270,30 @@ def _check_eps_scale(field: str, value: Any) -> None:
     _fail(field, value, 'must be a number > 0 (1 = no epsilon scaling)')
 
 
-def _check_consistency_times(ev: ml_collections.ConfigDict, nfes: tuple[int, ...],
-                             num_timesteps: int) -> None:
-  """Given consistency timesteps must fit every NFE asked for (one time per step)."""
-  times = tuple(sampler_options(ev, 'consistency').get('timesteps') or ())
+def _check_consistency_times(config: ml_collections.ConfigDict, nfes: tuple[int, ...]) -> None:
+  """Given consistency timesteps must fit every NFE asked for (one time per step) and lie
+  above the run's t_min (f is the identity there); without them, a given sigma_max must lie
+  above t_min's noise level (the default times run from one to the other)."""
+  num_timesteps = config.diffusion.num_timesteps
+  given = sampler_options(config.eval, 'consistency')
+  t_min = sampling.sampler_defaults(config, 'consistency').get('t_min', 0.0)
+  times = tuple(given.get('timesteps') or ())
   if not times:
+    if given.get('sigma_max') is not None:
+      abar = np.cumprod(1.0 - sampling.diffusion_betas(config))[int(t_min)]
+      sigma_min = float(np.sqrt((1.0 - abar) / abar))
+      if not given['sigma_max'] > sigma_min:
+        _fail('sampler_options.consistency.sigma_max', given['sigma_max'],
+              f'must be above sigma~ = {sigma_min:.4g} of the run\'s t_min = {t_min:g}')
     return
   field = 'sampler_options.consistency.timesteps'
   if any(nfe != len(times) for nfe in nfes):
     _fail(field, times, f'gives {len(times)} times, one per step, but NFE {nfes} is asked '
           'for; leave it empty for the default times at every NFE')
-  if not (all(0 < t <= num_timesteps - 1 for t in times)
+  if not (all(t_min < t <= num_timesteps - 1 for t in times)
           and all(a > b for a, b in zip(times, times[1:]))):
-    _fail(field, times, f'must decrease strictly within (0, {num_timesteps - 1}] '
-          '(original-scale timesteps)')
+    _fail(field, times, f'must decrease strictly within ({t_min:g}, {num_timesteps - 1}] '
+          '(original-scale timesteps above the run\'s consistency.t_min)')
 
 
 def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int) -> None:
@@ -311,7 +321,7 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
     _check_nfe('nfe', ev.nfe, num_timesteps)
     _check_eps_scale('eps_scale', ev.eps_scale)
     if ev.sampler == 'consistency':
-      _check_consistency_times(ev, (ev.nfe,), num_timesteps)
+      _check_consistency_times(config, (ev.nfe,))
     return
   if ev.num_samples < 2:
     _fail('num_samples', ev.num_samples, 'must be >= 2 to estimate a covariance')
@@ -325,7 +335,7 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
   for value in ev.eps_scales:
     _check_eps_scale('eps_scales', value)
   if 'consistency' in ev.samplers:
-    _check_consistency_times(ev, tuple(ev.nfes), num_timesteps)
+    _check_consistency_times(config, tuple(ev.nfes))
   if ev.inception_weights and not os.path.isfile(ev.inception_weights):
     try:  # raises at once for a missing file, with the steps to make one
       inception.load_inception_weights(ev.inception_weights)
