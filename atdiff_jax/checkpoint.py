@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from atdiff_jax import config as config_lib
+from atdiff_jax import writing
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,9 @@ def find_checkpoint(path: str) -> str:
     raise CheckpointError(f'checkpoint path {path} does not exist')
   candidates = [os.path.join(path, CHECKPOINT_DIR), path]
   for directory in candidates:
-    if os.path.isdir(directory):
-      steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-      if steps:
-        return os.path.join(directory, str(max(steps)))
+    steps = saved_steps(directory)
+    if steps:
+      return os.path.join(directory, str(steps[-1]))
   if os.path.isdir(path) and os.path.basename(path).isdigit():
     return path
   raise CheckpointError(f'no checkpoint found under {path} (expected {CHECKPOINT_DIR}/<step>/)')
@@ -221,8 +221,8 @@ def restore_params(step_dir: str, abstract_params: Any, ema_index: int | None = 
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  """The run's config.json, replaced whole (a kill mid-write leaves the old one)."""
+  writing.atomic_write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def check_same_network(config: ml_collections.ConfigDict, source: str, field: str,
@@ -246,3 +246,46 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise CheckpointError(f'{path} not found: is {workdir} a training workdir?')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The step folders (ascending) in a checkpoints/ folder; [] when there is none."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def step_folder(workdir: str, step: int | None) -> str:
+  """Checkpoint `step` of the run in `workdir` (None: its latest), or CheckpointError naming
+  the steps there."""
+  if step is None:
+    return find_checkpoint(workdir)
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  path = os.path.join(directory, str(step))
+  if not os.path.isdir(path):
+    raise CheckpointError(f'no checkpoint for step {step} in {directory} '
+                          f'(steps there: {saved_steps(directory) or "none"})')
+  return path
+
+
+def check_source_run(config: ml_collections.ConfigDict, source: str, field: str, why: str,
+                     objective: str | None = None) -> None:
+  """Checks the run `source` (given as config.<field>) that weights are read from before
+  anything is loaded or compiled: a run folder, of `objective` if given, with `config`'s
+  network, holding a checkpoint. Raises ConfigError / CheckpointError naming the problem."""
+  if not os.path.isdir(source):
+    raise config_lib.ConfigError(f'config.{field}={source!r}: no such directory (expected '
+                                 'the workdir of a run)')
+  theirs = load_config(source)
+  if objective is not None and config_lib.objective_of(theirs) != objective:
+    raise config_lib.ConfigError(
+        f'config.{field}={source!r}: the run there trains '
+        f'objective={config_lib.objective_of(theirs)!r}; it must be a {objective} run')
+  check_same_network(config, source, field, why)
+  find_checkpoint(source)  # CheckpointError when it holds none
+
+
+def read_ema_params(source: str, abstract_params: Any, ema_index: int = 0) -> Any:
+  """EMA tree `ema_index` of the latest checkpoint of the run `source`, read-only, into
+  `abstract_params` (ShapeDtypeStructs with their shardings)."""
+  return restore_params(find_checkpoint(source), abstract_params, ema_index=ema_index)

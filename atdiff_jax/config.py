@@ -1,7 +1,11 @@
-"""Config validation: every mode checks its config here, once, before anything compiles.
+"""A run's config: its checks, and the views of it that every room shares (image shape,
+the perturbed t-range, updates per minibatch), with no dependency but ml_collections.
 
-Errors are one line naming the field, the value and what is allowed, so that a typo on the
-command line costs seconds rather than a compile.
+The training fields are checked here (`validate_training`), once, before anything compiles;
+the eval block in `evaluation/settings.py`, the samplers' options in `samplers/options.py`
+and the probe's in `evaluation/probe.py`, all with this module's `fail`. Errors are one line
+naming the field, the value and what is allowed, so that a typo on the command line costs
+seconds rather than a compile.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
-def _fail(field: str, value: Any, why: str) -> None:
+def fail(field: str, value: Any, why: str) -> None:
+  """Raises ConfigError for config.<field>=<value>: the one-line form every check uses."""
   raise ConfigError(f'config.{field}={value!r}: {why}')
 
 
@@ -54,7 +59,7 @@ def _choice(config: ml_collections.ConfigDict, field: str, allowed: Iterable[str
   value = _get(config, field)
   allowed = tuple(allowed)
   if value not in allowed:
-    _fail(field, value, f'must be one of {", ".join(allowed)}')
+    fail(field, value, f'must be one of {", ".join(allowed)}')
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -93,7 +98,7 @@ def field_value(config: ml_collections.ConfigDict, field: str) -> Any:
   return model_field(config.model, name) if block == 'model' else _get(config, field)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
   """A finite int or float (not a bool)."""
   return (not isinstance(value, bool) and isinstance(value, (int, float))
           and math.isfinite(value))
@@ -140,15 +145,21 @@ def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
 
 
 def _positive(config, field: str, *, allow_zero: bool = False, integer: bool = False) -> None:
-  value = _get(config, field)
+  check_number(field, _get(config, field), allow_zero=allow_zero, integer=integer)
+
+
+def check_number(field: str, value: Any, *, allow_zero: bool = False,
+                 integer: bool = False) -> None:
+  """`value` of config.<field> is a finite number > 0 (>= 0 with `allow_zero`; whole with
+  `integer`), or ConfigError naming the field."""
   if isinstance(value, bool) or not isinstance(value, (int, float)):
-    _fail(field, value, 'must be a number')
+    fail(field, value, 'must be a number')
   if not math.isfinite(value):
-    _fail(field, value, 'must be a finite number')
+    fail(field, value, 'must be a finite number')
   if integer and int(value) != value:
-    _fail(field, value, 'must be an integer')
+    fail(field, value, 'must be an integer')
   if value < 0 or (value == 0 and not allow_zero):
-    _fail(field, value, 'must be >= 0' if allow_zero else 'must be > 0')
+    fail(field, value, 'must be >= 0' if allow_zero else 'must be > 0')
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:
@@ -157,15 +168,15 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'model.num_res_blocks', integer=True)
   ch_mult = config.model.ch_mult
   if (not _is_sequence(ch_mult) or not ch_mult
-      or any(not _is_number(m) or int(m) != m or m <= 0 for m in ch_mult)):
-    _fail('model.ch_mult', ch_mult, 'must be a non-empty tuple of positive integers')
+      or any(not is_number(m) or int(m) != m or m <= 0 for m in ch_mult)):
+    fail('model.ch_mult', ch_mult, 'must be a non-empty tuple of positive integers')
   for mult in ch_mult:
     if (config.model.ch * mult) % 32:
-      _fail('model.ch', config.model.ch,
+      fail('model.ch', config.model.ch,
             f'times every ch_mult must be a multiple of 32 (GroupNorm uses 32 groups); '
             f'{config.model.ch} * {mult} is not')
   if not 0.0 <= config.model.dropout < 1.0:
-    _fail('model.dropout', config.model.dropout, 'must be in [0, 1)')
+    fail('model.dropout', config.model.dropout, 'must be in [0, 1)')
   _choice(config, 'model.dtype', DTYPES)
   _positive(config, 'model.num_classes', allow_zero=True, integer=True)
   if config.model.num_head_channels != -1:
@@ -185,15 +196,15 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'data.channels', integer=True)
   downsamples = len(ch_mult) - 1
   if size % (2 ** downsamples):
-    _fail('data.image_size', size,
+    fail('data.image_size', size,
           f'must be divisible by 2**{downsamples} for a U-Net with ch_mult={ch_mult}')
   resolutions = {size // 2 ** level for level in range(len(ch_mult))}
   if not _is_sequence(config.model.attn_resolutions):
-    _fail('model.attn_resolutions', config.model.attn_resolutions,
+    fail('model.attn_resolutions', config.model.attn_resolutions,
           'must be a tuple of feature-map sizes, e.g. (16, 8)')
   for res in config.model.attn_resolutions:
     if res not in resolutions:
-      _fail('model.attn_resolutions', tuple(config.model.attn_resolutions),
+      fail('model.attn_resolutions', tuple(config.model.attn_resolutions),
             f'{res} is not a feature-map size of this U-Net (sizes: {sorted(resolutions)})')
 
   _positive(config, 'diffusion.num_timesteps', integer=True)
@@ -219,14 +230,30 @@ def validate_adversarial(config: ml_collections.ConfigDict) -> None:
   t_range = config.adv.t_range
   num_timesteps = config.diffusion.num_timesteps
   if not _is_sequence(t_range) or len(t_range) != 2 or not all(
-      _is_number(t) and int(t) == t for t in t_range):
-    _fail('adv.t_range', t_range, 'must be a pair (t_min, t_max)')
+      is_number(t) and int(t) == t for t in t_range):
+    fail('adv.t_range', t_range, 'must be a pair (t_min, t_max)')
   t_min, t_max = t_range
   t_max = num_timesteps - 1 if t_max == -1 else t_max
   if not 0 <= t_min <= t_max < num_timesteps:
-    _fail('adv.t_range', t_range,
+    fail('adv.t_range', t_range,
           f'must satisfy 0 <= t_min <= t_max < num_timesteps={num_timesteps} (t_max=-1: last)')
   _positive(config, 'input_perturbation.gamma', allow_zero=True)
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of one image of the run."""
+  return (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+
+
+def perturbed_t_range(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """config.adv.t_range with t_max = -1 replaced by the last timestep."""
+  t_min, t_max = config.adv.t_range
+  return int(t_min), int(config.diffusion.num_timesteps - 1 if t_max == -1 else t_max)
+
+
+def updates_per_minibatch(config: ml_collections.ConfigDict) -> int:
+  """Optimizer updates made by one call of the train step (free AT: one per pass)."""
+  return int(config.adv.steps) if config.adv.method == 'free' else 1
 
 
 def objective_of(config: ml_collections.ConfigDict) -> str:
@@ -255,41 +282,41 @@ def validate_consistency(config: ml_collections.ConfigDict) -> None:
   for field in ('sigma_data', 'timestep_scaling', 'sigma_max', 'rho', 'p_std'):
     _positive(config, f'consistency.{field}')
   cm = config.consistency
-  if not _is_number(cm.p_mean):
-    _fail('consistency.p_mean', cm.p_mean, 'must be a finite number')
+  if not is_number(cm.p_mean):
+    fail('consistency.p_mean', cm.p_mean, 'must be a finite number')
   _positive(config, 'consistency.num_points', integer=True)
   if cm.num_points < 2:
-    _fail('consistency.num_points', cm.num_points, 'must be >= 2 (a pair needs two times)')
+    fail('consistency.num_points', cm.num_points, 'must be >= 2 (a pair needs two times)')
   _positive(config, 'consistency.skip', integer=True)
   if cm.skip > cm.num_points - 1:
-    _fail('consistency.skip', cm.skip,
+    fail('consistency.skip', cm.skip,
           f'must be at most num_points - 1 = {cm.num_points - 1}')
   _positive(config, 'consistency.n_start', integer=True)
   _positive(config, 'consistency.n_max', integer=True)
   if cm.n_max < cm.n_start:
-    _fail('consistency.n_max', cm.n_max, f'must be >= n_start ({cm.n_start})')
+    fail('consistency.n_max', cm.n_max, f'must be >= n_start ({cm.n_start})')
   _positive(config, 'consistency.ect_stage_updates', integer=True)
   mu = cm.target_ema
-  if not _is_number(mu) or not 0.0 <= mu < 1.0:
-    _fail('consistency.target_ema', mu, 'must be in [0, 1) (0: the target is the student)')
+  if not is_number(mu) or not 0.0 <= mu < 1.0:
+    fail('consistency.target_ema', mu, 'must be in [0, 1) (0: the target is the student)')
   num_timesteps = config.diffusion.num_timesteps
   _positive(config, 'consistency.t_min', allow_zero=True, integer=True)
   if cm.t_min >= num_timesteps - 1:
-    _fail('consistency.t_min', cm.t_min, f'must be below the last timestep ({num_timesteps - 1})')
+    fail('consistency.t_min', cm.t_min, f'must be below the last timestep ({num_timesteps - 1})')
   abar = np.cumprod(1.0 - get_beta_schedule(config.diffusion.schedule, num_timesteps))
   ve_sigma = np.sqrt((1.0 - abar) / abar)
   if not ve_sigma[int(cm.t_min)] < cm.sigma_max <= ve_sigma[-1]:
-    _fail('consistency.sigma_max', cm.sigma_max,
+    fail('consistency.sigma_max', cm.sigma_max,
           f'must lie in ({ve_sigma[int(cm.t_min)]:.4g}, {ve_sigma[-1]:.4g}], the noise levels '
           f'sigma~ of timesteps t_min..{num_timesteps - 1} of this schedule')
   if objective_of(config) == 'cd' and not config.get('teacher', ''):
     raise ConfigError("config.teacher='': consistency distillation needs a teacher: "
                       'the workdir of a DPM run of this project (--config.teacher=RUN)')
   if config.input_perturbation.gamma:
-    _fail('input_perturbation.gamma', config.input_perturbation.gamma,
+    fail('input_perturbation.gamma', config.input_perturbation.gamma,
           'input perturbation (DDPM-IP) belongs to objective=dpm; set it to 0')
   if config.training.timestep_sampler != 'uniform':
-    _fail('training.timestep_sampler', config.training.timestep_sampler,
+    fail('training.timestep_sampler', config.training.timestep_sampler,
           'belongs to objective=dpm; consistency pairs come from config.consistency.pairs')
 
 
@@ -299,17 +326,17 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   _positive(config, 'seed', allow_zero=True, integer=True)
   validate_model(config)
   if objective_of(config) not in OBJECTIVES:
-    _fail('objective', objective_of(config), f'must be one of {", ".join(OBJECTIVES)}')
+    fail('objective', objective_of(config), f'must be one of {", ".join(OBJECTIVES)}')
   validate_adversarial(config)
   if is_consistency(config):
     validate_consistency(config)
   batch = config.training.batch_size
   _positive(config, 'training.batch_size', integer=True)
   if batch % num_devices:
-    _fail('training.batch_size', batch,
+    fail('training.batch_size', batch,
           f'must be divisible by the number of devices ({num_devices})')
   if batch % num_processes:
-    _fail('training.batch_size', batch,
+    fail('training.batch_size', batch,
           f'must be divisible by the number of processes ({num_processes})')
   _positive(config, 'training.num_steps', integer=True)
   _positive(config, 'training.lr')
@@ -318,8 +345,8 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   _positive(config, 'training.grad_clip', allow_zero=True)
   rates = config.training.ema_rates
   if (not _is_sequence(rates) or not rates
-      or any(not _is_number(r) or not 0.0 <= r < 1.0 for r in rates)):
-    _fail('training.ema_rates', rates, 'must be a non-empty tuple of rates in [0, 1)')
+      or any(not is_number(r) or not 0.0 <= r < 1.0 for r in rates)):
+    fail('training.ema_rates', rates, 'must be a non-empty tuple of rates in [0, 1)')
   _choice(config, 'training.timestep_sampler', TIMESTEP_SAMPLERS)
   for field in ('log_every', 'checkpoint_every'):
     _positive(config, f'training.{field}', integer=True)
@@ -329,7 +356,7 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   _positive(config, 'training.num_samples', integer=True)
   _positive(config, 'training.sample_steps', integer=True)
   if config.training.sample_steps > config.diffusion.num_timesteps:
-    _fail('training.sample_steps', config.training.sample_steps,
+    fail('training.sample_steps', config.training.sample_steps,
           f'must be <= diffusion.num_timesteps ({config.diffusion.num_timesteps})')
 
 
@@ -337,11 +364,11 @@ def validate_source(config: ml_collections.ConfigDict, source) -> None:
   """What the model expects of the data that `data.create_source` cannot know alone."""
   num_classes = config.model.num_classes
   if num_classes and source.num_classes == 0:
-    _fail('model.num_classes', num_classes,
+    fail('model.num_classes', num_classes,
           f'the data ({config.data.name}) has no labels; set model.num_classes=0')
   if num_classes and source.num_classes > num_classes:
-    _fail('model.num_classes', num_classes,
+    fail('model.num_classes', num_classes,
           f'the data ({config.data.name}) has {source.num_classes} classes')
   if len(source) < config.training.batch_size:
-    _fail('training.batch_size', config.training.batch_size,
+    fail('training.batch_size', config.training.batch_size,
           f'is larger than the dataset ({len(source)} images)')

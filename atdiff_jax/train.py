@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from atdiff_jax import checkpoint, config as config_lib, data, images, parallel, sampling
-from atdiff_jax.methods import check_frozen_sources, get_objective
-from atdiff_jax.samplers import options as sampler_options
-from atdiff_jax.models import create_model
-from atdiff_jax.train_state import make_optimizer
+from atdiff_jax import checkpoint, config as config_lib, data, images, parallel
+from atdiff_jax.samplers import from_config
+from atdiff_jax.config import updates_per_minibatch
+from atdiff_jax.objectives import check_frozen_sources
 from atdiff_jax.parallel import make_mesh
-from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn,
-                                   make_train_step, num_params, updates_per_minibatch)
+from atdiff_jax.samplers.options import check_config_options
+from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
+                                   make_train_step, num_params)
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,11 @@ class _Writer:
       self._writer.close()
 
 
-def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer, objective=None):
+def _initial_state(config, mesh, parts: TrainParts, ckpt: checkpoint.Checkpointer):
   """Resume from the workdir's latest checkpoint, else initialise, taking the weights of
   config.init_from (or the objective's default source, e.g. a distillation teacher)."""
-  objective = get_objective(config, model) if objective is None else objective
-  abstract = jax.eval_shape(make_init_fn(config, model, tx, objective), jax.random.key(0))
+  tx, objective = parts.tx, parts.objective
+  abstract = jax.eval_shape(make_init_fn(config, parts), jax.random.key(0))
   replicated = parallel.replicated(mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
@@ -174,7 +174,7 @@ def _initial_state(config, mesh, model, tx, ckpt: checkpoint.Checkpointer, objec
       params, ema = checkpoint.restore_weights(source, abstract.params, abstract.ema_params)
     except checkpoint.CheckpointError as e:
       raise checkpoint.CheckpointError(f'config.{field}={source!r}: {e}') from e
-  state = create_train_state(config, mesh, model, tx)
+  state = create_train_state(config, mesh, parts)
   if source:
     if objective.init_params_from == 'ema':  # a copy: donated buffers must not be shared
       params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
@@ -193,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   mesh = make_mesh()
   config_lib.validate_training(config, jax.device_count(), jax.process_count())
   # The eval block's sampler options too: a typo there must not cost a training run.
-  sampler_options.check_config_options(config.eval)
+  check_config_options(config.eval)
   source = data.create_source(config.data)  # bad data stops here, before any compile
   config_lib.validate_source(config, source)
   is_main = jax.process_index() == 0
@@ -204,10 +204,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   try:
     if config.init_from and ckpt.latest_step() is None:
       _check_init_from(config)
-    model, tx = create_model(config), make_optimizer(config.training)
-    objective = get_objective(config, model)
-    frozen = objective.load_frozen(mesh)
-    state = _initial_state(config, mesh, model, tx, ckpt, objective)
+    parts = TrainParts.build(config)  # the one network, optimizer and objective of the run
+    frozen = parts.objective.load_frozen(mesh)
+    state = _initial_state(config, mesh, parts, ckpt)
     if is_main:  # only now: a command that fails leaves the run's config.json as it was
       checkpoint.save_config(workdir, config)
     start_step = int(state.step)
@@ -215,8 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
              f'{num_params(state.params):,}', jax.device_count(), jax.process_count(),
              start_step)
 
-    train_step = make_train_step(config, mesh, model, tx, objective)
-    grid_sampler = sampling.make_grid_sampler(config, mesh, model)
+    train_step = make_train_step(config, mesh, parts)
+    preview_fn = from_config.make_preview_fn(config, mesh, parts.model)
     training = config.training
     progress = _Progress(start_step, training.num_steps, training.batch_size,
                          updates_per_minibatch(config))
@@ -256,7 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
           log.warning('Stopped at minibatch %d; run the same command to resume.', step)
           return state
         if training.sample_every and step % training.sample_every == 0:
-          _write_samples(grid_sampler, state, config, workdir, step, is_main)
+          _write_samples(preview_fn, state, config, workdir, step, is_main)
     if ckpt.latest_step() != step:
       save_checkpoint(ckpt, step, state)
     return state
@@ -300,10 +299,10 @@ def save_checkpoint(ckpt: checkpoint.Checkpointer, step: int, state) -> None:
   ckpt.save(step, state)
 
 
-def _write_samples(grid_sampler, state, config, workdir, step, is_main) -> None:
+def _write_samples(preview_fn, state, config, workdir, step, is_main) -> None:
   start = time.perf_counter()
-  samples = grid_sampler(state.ema_params[0], jax.random.key(config.seed + step))
-  samples = sampling.gather_to_host(samples)
+  samples = preview_fn(state.ema_params[0], jax.random.key(config.seed + step))
+  samples = from_config.gather_to_host(samples)
   if is_main:
     path = images.save_grid(samples, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
     print(f'samples: {path} ({time.perf_counter() - start:.1f} s)', flush=True)

@@ -16,7 +16,7 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: tuple        # one params tree per rate in config.training.ema_rates
-  # The objective's own state (methods/base.py): the DPM's timestep-sampler loss history
+  # The objective's own state (objectives/base.py): the DPM's timestep-sampler loss history
   # (() when uniform), a consistency model's target params. Checkpoints written before it
   # had this name call it sampler_state (checkpoint.py reads both).
   objective_state: Any

@@ -1,7 +1,7 @@
 """The compiled, data-parallel train step, for any objective and any AT scheme.
 
 Written pmap-style: `per_device` sees its shard of the global batch, lets the objective
-(methods/) draw its per-example randomness in-graph from (seed, step, example index), runs
+(objectives/) draw its per-example randomness in-graph from (seed, step, example index), runs
 the chosen replay (standard, free AT, PGD-AT, FGSM-AT: replay.py), and averages parameter
 gradients with `lax.pmean` over 'data'. It is mapped over the mesh with `jax.shard_map`
 under `jax.jit`; the state is donated, and the objective's frozen extras (a teacher's
@@ -13,62 +13,75 @@ sync): params, optimizer state, EMA and objective state stay as they were;
 
 Per-example keys make the draw (and the delta start) independent of how the batch is split
 across devices; only dropout masks depend on the device layout.
+
+What the step trains (network, optimizer, objective) is built once from the config
+(`TrainParts.build`) and passed to every function here.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from atdiff_jax import adversarial, parallel, replay
-from atdiff_jax.methods import Objective, get_objective
-# make_diffusion: part of this module's API since before objectives had their own modules.
-from atdiff_jax.methods.dpm import image_shape, make_diffusion  # noqa: F401
+from atdiff_jax.config import image_shape
+from atdiff_jax.objectives import Objective, get_objective
 from atdiff_jax.models import create_model, init_params
-# make_mesh: part of this module's API since before the mesh had its own module.
-from atdiff_jax.parallel import AXIS, make_mesh  # noqa: F401
+from atdiff_jax.parallel import AXIS
 from atdiff_jax.train_state import TrainState, apply_update, make_optimizer
 
-# Keys per example for the objective's draw. With the delta start's key after them, this is
-# the layout of the step before objectives were separate: its runs draw the same numbers.
-DRAW_KEYS = 3
+
+@dataclasses.dataclass(frozen=True)
+class TrainParts:
+  """What a run trains, built once from its config: the network, the optimizer and the
+  objective."""
+  model: Any
+  tx: optax.GradientTransformation
+  objective: Objective
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, model=None, tx=None,
+            objective: Objective | None = None) -> 'TrainParts':
+    """The config's parts; `model`, `tx` or `objective` replace the config's (tests use a
+    stand-in network or optimizer)."""
+    model = create_model(config) if model is None else model
+    tx = make_optimizer(config.training) if tx is None else tx
+    objective = get_objective(config, model) if objective is None else objective
+    return cls(model, tx, objective)
 
 
-def make_init_fn(config: ml_collections.ConfigDict, model, tx, objective: Objective = None):
+def make_init_fn(config: ml_collections.ConfigDict, parts: TrainParts):
   """`init(rng) -> TrainState`; jit it with replicated out_shardings to build the state."""
-  objective = get_objective(config, model) if objective is None else objective
 
   def init(rng: jax.Array) -> TrainState:
-    params = init_params(model, config, rng)
-    return TrainState.create(params, tx, len(config.training.ema_rates),
-                             objective.init_state(params))
+    params = init_params(parts.model, config, rng)
+    return TrainState.create(params, parts.tx, len(config.training.ema_rates),
+                             parts.objective.init_state(params))
 
   return init
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, model=None, tx=None):
+def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainParts):
   """A freshly initialised state, replicated over the mesh."""
-  model = create_model(config) if model is None else model
-  tx = make_optimizer(config.training) if tx is None else tx
-  init = make_init_fn(config, model, tx)
-  replicated = parallel.replicated(mesh)
-  return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  return jax.jit(make_init_fn(config, parts), out_shardings=parallel.replicated(mesh))(
+      jax.random.key(config.seed))
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, tx=None,
-                    objective: Objective = None):
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainParts):
   """`step(state, batch, frozen=()) -> (state, metrics)`, jitted; batch = {'image', 'label'}.
 
   `frozen` is the objective's frozen extras (`objective.load_frozen(mesh)`).
   """
-  model = create_model(config) if model is None else model
-  tx = make_optimizer(config.training) if tx is None else tx
-  objective = get_objective(config, model) if objective is None else objective
+  tx, objective = parts.tx, parts.objective
+  num_keys = objective.num_draw_keys
   shape = image_shape(config)
   adv = config.adv
   ball = adversarial.BallSpec.from_config(adv, shape)
@@ -81,11 +94,11 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, model=None, t
     device = lax.axis_index(AXIS)
     example_root, device_root = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), state.step))
-    # Per global example index: DRAW_KEYS keys for the objective, one for delta's start.
+    # Per global example index: the objective's keys, then one for delta's start.
     ids = device * local_batch + jnp.arange(local_batch)
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(example_root, i),
-                                               DRAW_KEYS + 1))(ids)
-    draw_keys, delta_keys = keys[:, :DRAW_KEYS], keys[:, DRAW_KEYS]
+                                               num_keys + 1))(ids)
+    draw_keys, delta_keys = keys[:, :num_keys], keys[:, num_keys]
     pass_rng = jax.random.fold_in(device_root, device)  # dropout
 
     batch = objective.draw(state.objective_state, frozen, images, labels, draw_keys,
@@ -156,11 +169,6 @@ def all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def updates_per_minibatch(config: ml_collections.ConfigDict) -> int:
-  """Optimizer updates made by one call of the step."""
-  return config.adv.steps if config.adv.method == 'free' else 1
 
 
 def num_params(tree) -> int:

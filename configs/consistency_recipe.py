@@ -1,5 +1,5 @@
 """Consistency-model settings shared by the *_cd and *_ct configs (the formulas:
-atdiff_jax/methods/consistency.py)."""
+atdiff_jax/objectives/cm.py)."""
 
 
 def _sample_with_consistency(config):

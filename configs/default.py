@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input_perturbation = ip = ml_collections.ConfigDict()
   ip.gamma = 0.0
 
-  # Consistency models (objective cd | ct; methods/consistency.py has the formulas).
+  # Consistency models (objective cd | ct; objectives/cm.py has the formulas).
   config.consistency = cm = ml_collections.ConfigDict()
   cm.scalings = 'lcm'            # lcm: c_skip / c_out of u = timestep_scaling * t; cm: of sigma~
   cm.sigma_data = 0.5

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from atdiff_jax import adversarial
-from atdiff_jax.methods import dpm
+from atdiff_jax.objectives import dpm
 from atdiff_jax.models import create_model, make_apply_fn
-from atdiff_jax.train_step import make_diffusion
+from atdiff_jax.diffusion import diffusion_of as make_diffusion
 
 SHAPE = (6, 4, 4, 3)
 

@@ -1,8 +1,9 @@
 """Benchmark smoke test: result structure and reporting (speed is never asserted)."""
 import pytest
 
-from atdiff_jax.benchmarks import (Variant, bench_train, format_fid_table, format_train_table,
-                                   parse_variants, variant_config)
+from atdiff_jax.bench import (Variant, bench_sweep, bench_train, format_fid_table,
+                              format_sweep_table, format_train_table, parse_variants,
+                              variant_config)
 from conftest import ToyDenoiser, tiny_config
 
 
@@ -104,3 +105,18 @@ def test_fid_table():
       'peak_memory': {'kind': 'device_peak', 'bytes': 2**30}}).splitlines()[2]
   assert row == ('| dpm_solver++ NFE 10 + Inception (random weights) | 10,000 | 1000 | 12.3 | '
                  '8.0 | 1,250 | 40 | 1,024.0 |')
+
+
+def test_bench_sweep_scores_every_run_both_ways_and_reports_the_total():
+  config = tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.diffusion.num_timesteps = 20
+  config.eval.update(samplers=('ddim',), nfes=(2,), eps_scales=(1.0,), batch_size=8)
+  result = bench_sweep(config, num_runs=2, num_samples=8)
+  assert result['cells'] == ['ddim NFE 2'] and result['num_runs'] == 2
+  assert len(result['per_run_s']) == len(result['once_s']) == 2
+  assert all(t > 0 for t in result['per_run_s'] + result['once_s'])
+  table = format_sweep_table({'cells': ['ddim NFE 2'], 'num_samples': 8, 'num_runs': 3,
+                              'per_run_s': [10.0, 4.0, 4.0], 'once_s': [2.0, 2.0, 2.0]})
+  assert '| 2 | 4.0 | 2.0 | 2.00x |' in table
+  assert '18.0 s before, 14.0 s now (1.29x)' in table  # 10 + 4 + 4 against 10 + 2 + 2

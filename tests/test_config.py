@@ -111,8 +111,8 @@ def test_runs_from_before_the_later_model_fields_still_load(config, tmp_path):
   """A config.json without num_heads_upsample, timestep_scale and remat builds the network it
   trained, and equals a config that spells their defaults out."""
   from atdiff_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
-  from atdiff_jax.evaluation import run as run_lib  # pylint: disable=g-import-not-at-top
-  from atdiff_jax.methods import consistency  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.evaluation import settings as eval_settings  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.objectives import cm as consistency  # pylint: disable=g-import-not-at-top
   old = copy.deepcopy(config)
   for field in config_lib.LATER_MODEL_FIELDS:
     del old.model[field]
@@ -120,7 +120,7 @@ def test_runs_from_before_the_later_model_fields_still_load(config, tmp_path):
   model = models.create_model(old)
   assert (model.num_heads_upsample, model.timestep_scale, model.remat) == (-1, 1.0, 'none')
   checkpoint.save_config(str(tmp_path), old)
-  run_lib.resolve_config(str(tmp_path), override=config)  # no "another model" error
+  eval_settings.resolve_config(str(tmp_path), override=config)  # no "another model" error
   config.objective, config.teacher = 'cd', str(tmp_path)
   config.model.remat = 'blocks'  # how the student computes, not what
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint found'):  # models match

@@ -14,11 +14,12 @@ import conftest
 import gaussian_oracle as go
 from atdiff_jax import checkpoint, train
 from atdiff_jax import config as config_lib
-from atdiff_jax.diffusion.consistency import Parametrisation
+from atdiff_jax.diffusion.consistency_function import Parametrisation
 from atdiff_jax.diffusion.vp_time import VPTime, broadcast_to
-from atdiff_jax.methods import consistency as cm_lib
-from atdiff_jax.methods import get_objective
-from atdiff_jax.train_step import create_train_state, make_mesh, make_train_step
+from atdiff_jax.objectives import cm as cm_lib
+from atdiff_jax.objectives import get_objective
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import TrainParts, create_train_state, make_train_step
 
 VP = VPTime.create(go.BETAS)  # the oracle's cosine schedule, T = 100
 T = go.T
@@ -283,8 +284,9 @@ TOY = conftest.ToyDenoiser()
 def _step(config, devices=None, tx=None, count=None):
   """One call of the real train step on a toy network, teacher = other toy params."""
   mesh = make_mesh(devices)
-  state = create_train_state(config, mesh, model=TOY, tx=tx)
-  objective = get_objective(config, TOY)
+  parts = TrainParts.build(config, TOY, tx)
+  state = create_train_state(config, mesh, parts)
+  objective = parts.objective
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(p.size), p.shape),
                         state.params)
   state = state.replace(params=params, objective_state=objective.init_state(params))
@@ -293,7 +295,7 @@ def _step(config, devices=None, tx=None, count=None):
     objective.teacher_step = lambda *a: (count.append(1), real_step(*a))[1]
   teacher = jax.tree.map(lambda p: 0.5 * p, state.params)
   frozen = jax.device_put(objective.init_frozen(teacher), NamedSharding(mesh, P()))
-  step = make_train_step(config, mesh, model=TOY, tx=tx, objective=objective)
+  step = make_train_step(config, mesh, parts)
   rng = np.random.default_rng(0)
   b, s = config.training.batch_size, config.data.image_size
   sharding = NamedSharding(mesh, P('data'))
@@ -367,7 +369,8 @@ def test_target_network_is_an_ema_of_the_student_after_every_update():
   plus_one = optax.GradientTransformation(
       lambda params: optax.EmptyState(),
       lambda updates, state, params=None: (jax.tree.map(jnp.ones_like, updates), state))
-  start = jax.device_get(create_train_state(config, make_mesh(), model=TOY, tx=plus_one))
+  start = jax.device_get(create_train_state(config, make_mesh(),
+                                              TrainParts.build(config, TOY, plus_one)))
   state, _ = _step(config, tx=plus_one)
   for p0, target in zip(jax.tree.leaves(start.params),
                         jax.tree.leaves(state.objective_state['target'])):
@@ -469,11 +472,9 @@ def test_distillation_from_a_dpm_run_resumes_exactly_and_samples(tmp_path):
 
   # The student started as the teacher's EMA weights, and so did its target network.
   mesh = make_mesh()
-  from atdiff_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  from atdiff_jax.train_state import make_optimizer  # pylint: disable=g-import-not-at-top
   fresh = checkpoint.Checkpointer(str(tmp_path / 'fresh'), keep=1)
-  start = train._initial_state(config, mesh, create_model(config),  # pylint: disable=protected-access
-                               make_optimizer(config.training), fresh)
+  start = train._initial_state(config, mesh, TrainParts.build(config),  # pylint: disable=protected-access
+                               fresh)
   fresh.close()
   conftest.assert_trees_equal(start.params, teacher_state.ema_params[0])
   conftest.assert_trees_equal(start.objective_state['target'], teacher_state.ema_params[0])

@@ -22,11 +22,12 @@ from PIL import Image
 
 from atdiff_jax import checkpoint
 from atdiff_jax import config as config_lib
-from atdiff_jax import evaluation, sampling
+from atdiff_jax import evaluation
+from atdiff_jax.samplers import from_config
 from atdiff_jax.data.sources import ArraySource
 from atdiff_jax.evaluation import report, sweep
-from atdiff_jax.evaluation import run as run_lib
-from atdiff_jax.train_step import make_mesh
+from atdiff_jax.evaluation import settings as eval_settings
+from atdiff_jax.parallel import make_mesh
 from conftest import assert_trees_equal, tiny_config
 
 # The package exports the function `generate`, which hides the module of that name.
@@ -56,12 +57,8 @@ def _random_state(config, mesh, seed):
   Built from the abstract state (no init compile); only the structure and the values
   matter to these tests, not how trained the weights are.
   """
-  from atdiff_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  from atdiff_jax.train_state import make_optimizer  # pylint: disable=g-import-not-at-top
-  from atdiff_jax.train_step import make_init_fn  # pylint: disable=g-import-not-at-top
-  abstract = jax.eval_shape(
-      make_init_fn(config, create_model(config), make_optimizer(config.training)),
-      jax.random.key(0))
+  from atdiff_jax.train_step import TrainParts, make_init_fn  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(make_init_fn(config, TrainParts.build(config)), jax.random.key(0))
   rng = np.random.default_rng(seed)
   state = jax.tree.map(lambda s: np.asarray(0.05 * rng.standard_normal(s.shape), s.dtype),
                        abstract)
@@ -159,7 +156,7 @@ def test_sample_mode_writes_shards_and_resumes(trained):
   assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8 and labels is None
   with Image.open(os.path.join(out_dir, 'grid.png')) as grid:
     assert grid.size[0] > 32
-  options = run_lib.sampler_options(config.eval, 'dpm_solver++')
+  options = eval_settings.options_of(config.eval, 'dpm_solver++')
   np.testing.assert_array_equal(
       images, evaluation.generate(evaluation.load_run(workdir), 40, nfe=NFE,
                                   batch_size=BATCH, seed=0, **options))
@@ -401,29 +398,29 @@ def test_consistency_times_must_fit_every_nfe():
   config.eval.samplers, config.eval.nfes = ('consistency',), (1, 2)
   config.eval.sampler_options.consistency.timesteps = (90.0,)
   with pytest.raises(config_lib.ConfigError, match=r'timesteps=\(90.0,\): gives 1 times'):
-    run_lib.validate_eval(config, 'eval', 8)
+    eval_settings.validate_eval(config, 'eval', 8)
   config.eval.nfes = (2,)
   config.eval.sampler_options.consistency.timesteps = (40.0, 90.0)
   with pytest.raises(config_lib.ConfigError, match='must decrease strictly'):
-    run_lib.validate_eval(config, 'eval', 8)
+    eval_settings.validate_eval(config, 'eval', 8)
   config.eval.sampler_options.consistency.timesteps = (90.0, 40.0)
-  run_lib.validate_eval(config, 'eval', 8)
+  eval_settings.validate_eval(config, 'eval', 8)
 
 
 def test_consistency_times_lie_above_the_runs_t_min():
   config = _eval_config()
   config.objective, config.consistency.t_min = 'ct', 50
   config.eval.samplers, config.eval.nfes = ('consistency',), (2,)
-  assert sampling.sampler_defaults(config, 'consistency') == {
+  assert from_config.sampler_defaults(config, 'consistency') == {
       'sigma_max': float(config.consistency.sigma_max), 't_min': 50.0}
-  assert sampling.sampler_defaults(config, 'ddim') == {}
+  assert from_config.sampler_defaults(config, 'ddim') == {}
   # At or below t_min the consistency function is the identity.
   config.eval.sampler_options.consistency.timesteps = (90.0, 40.0)
   with pytest.raises(config_lib.ConfigError, match=r'within \(50, 99\]'):
-    run_lib.validate_eval(config, 'eval', 8)
+    eval_settings.validate_eval(config, 'eval', 8)
   config.eval.sampler_options.consistency.timesteps = (90.0, 60.0)
-  run_lib.validate_eval(config, 'eval', 8)
+  eval_settings.validate_eval(config, 'eval', 8)
   config.eval.sampler_options.consistency.timesteps = ()
   config.eval.sampler_options.consistency.sigma_max = 0.5  # sigma~ of t = 50 is about 1
   with pytest.raises(config_lib.ConfigError, match=r'sigma_max=0.5: must be above sigma~'):
-    run_lib.validate_eval(config, 'eval', 8)
+    eval_settings.validate_eval(config, 'eval', 8)

@@ -11,7 +11,7 @@ from atdiff_jax import adversarial
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau, regimes, runner
 from atdiff_jax.experiments import summary as summary_lib
-from atdiff_jax.train_step import updates_per_minibatch
+from atdiff_jax.config import updates_per_minibatch
 
 
 def _flat(config, prefix=''):

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from atdiff_jax import checkpoint, data, main, train
-from atdiff_jax.models import create_model
-from atdiff_jax.train_state import make_optimizer
-from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
                                    make_train_step)
 from conftest import ToyDenoiser, assert_trees_equal, tiny_config
 
@@ -80,8 +79,7 @@ def _train(workdir, env, stop_at=None, sig=signal.SIGKILL, delay=0.0):
 def _saved_state(workdir, step=None):
   """The whole TrainState of a checkpoint (default: the latest), on the host."""
   config = checkpoint.load_config(workdir)
-  abstract = jax.eval_shape(make_init_fn(config, create_model(config),
-                                         make_optimizer(config.training)), jax.random.key(0))
+  abstract = jax.eval_shape(make_init_fn(config, TrainParts.build(config)), jax.random.key(0))
   ckpt = checkpoint.Checkpointer(workdir, keep=100, async_save=False)
   try:
     return jax.device_get(ckpt.restore(abstract, step))
@@ -236,7 +234,8 @@ def _step_state_and_batch(config):
   images, labels = data.create_source(config.data).get(np.arange(config.training.batch_size))
   clean = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
   batch = lambda x: {'image': x, 'label': jnp.asarray(labels)}
-  return (make_train_step(config, mesh, model=toy), create_train_state(config, mesh, model=toy),
+  parts = TrainParts.build(config, toy)
+  return (make_train_step(config, mesh, parts), create_train_state(config, mesh, parts),
           clean, batch)
 
 

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from atdiff_jax import checkpoint, evaluation, parallel, train
-from atdiff_jax.evaluation import run as run_lib
-from atdiff_jax.models import create_model
-from atdiff_jax.train_state import make_optimizer
-from atdiff_jax.train_step import make_init_fn
+from atdiff_jax.evaluation import settings as eval_settings
+from atdiff_jax.train_step import TrainParts, make_init_fn
 
 ARGS = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()',
         '--config.diffusion.num_timesteps=100', '--config.training.batch_size=16',
@@ -98,8 +96,7 @@ def _tpu_pod(workdir, tmp_path, num_steps):
 
 def _final_state(workdir):
   config = checkpoint.load_config(str(workdir))
-  abstract = jax.eval_shape(make_init_fn(config, create_model(config),
-                                         make_optimizer(config.training)), jax.random.key(0))
+  abstract = jax.eval_shape(make_init_fn(config, TrainParts.build(config)), jax.random.key(0))
   # On this process's first device: the checkpoint was written by another topology.
   here = parallel.replicated(parallel.make_mesh(jax.devices()[:1]))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
@@ -136,8 +133,8 @@ def test_two_processes_train_and_resume_as_one(tmp_path):
   # Gloo's cross-process sums round differently from one process's, and Adam turns that into
   # differences of ~1e-6 in params; another data split or key would differ by the whole
   # update. So: the two runs' updates agree to within 1% of their size.
-  start = jax.device_get(jax.jit(make_init_fn(config, create_model(config), make_optimizer(
-      config.training)))(jax.random.key(config.seed)))
+  start = jax.device_get(jax.jit(make_init_fn(config, TrainParts.build(config)))(
+      jax.random.key(config.seed)))
   for tree in ('params', 'ema_params'):
     flat = lambda state: np.concatenate(
         [np.ravel(x) for x in jax.tree.leaves(getattr(state, tree))])
@@ -158,7 +155,7 @@ def test_two_processes_train_and_resume_as_one(tmp_path):
   images, _ = evaluation.load_samples(evaluation.default_out_dir(str(workdir), 'ddim', 3, 1.0))
   np.testing.assert_array_equal(images, evaluation.generate(
       run, 24, sampler='ddim', nfe=3, batch_size=16, seed=5,
-      **run_lib.sampler_options(config.eval, 'ddim')))
+      **eval_settings.options_of(config.eval, 'ddim')))
   mine = evaluation.evaluate(run, out_dir=str(tmp_path / 'eval_one_process'), verbose=False)
   with open(workdir / 'eval' / 'results.json') as f:
     theirs = json.load(f)['rows']

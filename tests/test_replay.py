@@ -8,8 +8,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import conftest
 from atdiff_jax import replay
-from atdiff_jax.train_step import (create_train_state, make_diffusion, make_mesh,
-                                   make_train_step, updates_per_minibatch)
+from atdiff_jax.config import updates_per_minibatch
+from atdiff_jax.diffusion import diffusion_of as make_diffusion
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import TrainParts, create_train_state, make_train_step
 
 
 def micro_config(**adv):
@@ -41,9 +43,10 @@ def _warm_params(state, seed=0):
 def _step(config, devices=None, tx=None, warm=True, seed=0, model=TOY):
   """One call of the real train step; `model=None` uses the config's U-Net."""
   mesh = make_mesh(devices)
-  state = create_train_state(config, mesh, model=model, tx=tx)
+  parts = TrainParts.build(config, model, tx)
+  state = create_train_state(config, mesh, parts)
   state = _warm_params(state) if warm else state
-  step = make_train_step(config, mesh, model=model, tx=tx)
+  step = make_train_step(config, mesh, parts)
   state, metrics = step(state, _batch(mesh, config, seed))
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -88,7 +91,7 @@ def test_free_makes_k_updates_and_k_ema_updates():
       lambda params: optax.EmptyState(),
       lambda updates, state, params=None: (jax.tree.map(jnp.ones_like, updates), state))
   mesh = make_mesh()
-  start = jax.device_get(create_train_state(config, mesh, model=TOY, tx=plus_one))
+  start = jax.device_get(create_train_state(config, mesh, TrainParts.build(config, TOY, plus_one)))
   state, _ = _step(config, tx=plus_one, warm=False)
   assert int(state.step) == 1 and int(state.opt_step) == k == updates_per_minibatch(config)
   expected_ema = lambda p0: rate**k * p0 + sum(

@@ -312,7 +312,7 @@ def _exact_consistency_model(t_min=0.0):
   """The eps model whose x0 prediction is f*(x, t) = m_min + sqrt(v_min / v_t)(x - m_t), the
   exact consistency function of the Gaussian data with boundary t_min (f*(x, t) = x at t <=
   t_min: it lands on x_{t_min}); also the moments (m_min, v_min) of that marginal."""
-  from atdiff_jax.diffusion.consistency import eps_of_consistency  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.diffusion.consistency_function import eps_of_consistency  # pylint: disable=g-import-not-at-top
   from atdiff_jax.diffusion.vp_time import VPTime, broadcast_to  # pylint: disable=g-import-not-at-top
   vp = VPTime.create(BETAS)
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from atdiff_jax import checkpoint, config as config_lib, train
-from atdiff_jax.methods import dpm
+from atdiff_jax.objectives import dpm
 from atdiff_jax.models import create_model, make_apply_fn
-from atdiff_jax.train_step import create_train_state, make_diffusion, make_mesh
+from atdiff_jax.diffusion import diffusion_of as make_diffusion
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import TrainParts, create_train_state
 from conftest import assert_trees_equal
 
 
@@ -45,7 +47,7 @@ def test_short_run_lowers_the_loss(config, tmp_path):
   config.training.log_every = 20
   config.training.checkpoint_every = 40
   config.training.lr = 2e-3
-  initial = create_train_state(config, make_mesh())
+  initial = create_train_state(config, make_mesh(), TrainParts.build(config))
   state = train.train(config, str(tmp_path))
   before = _fixed_eval_loss(config, initial.params)
   after = _fixed_eval_loss(config, state.params)
@@ -127,7 +129,7 @@ def test_stop_request_checkpoints_and_resumes(config, tmp_path, monkeypatch):
 
 def test_checkpoint_round_trip(config, tmp_path):
   mesh = make_mesh()
-  state = create_train_state(config, mesh)
+  state = create_train_state(config, mesh, TrainParts.build(config))
   state = state.replace(step=state.step + 7)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
   ckpt.save(7, state)
@@ -143,17 +145,15 @@ def test_init_from_takes_weights_and_a_fresh_optimizer(config, tmp_path):
   config.init_from = str(tmp_path / 'source')
   config.training.ema_rates = (0.9, 0.99)  # more rates than the source kept
   mesh = make_mesh()
-  model = create_model(config)
-  from atdiff_jax.train_state import make_optimizer  # pylint: disable=g-import-not-at-top
-  tx = make_optimizer(config.training)
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'target'), keep=2)
-  state = train._initial_state(config, mesh, model, tx, ckpt)  # pylint: disable=protected-access
+  parts = TrainParts.build(config)
+  state = train._initial_state(config, mesh, parts, ckpt)  # pylint: disable=protected-access
   ckpt.close()
   assert_trees_equal(state.params, source.params)
   assert_trees_equal(state.ema_params[0], source.ema_params[0])
   assert_trees_equal(state.ema_params[1], source.ema_params[0])
   assert int(state.step) == 0 and int(state.opt_step) == 0
-  assert_trees_equal(state.opt_state, tx.init(source.params))
+  assert_trees_equal(state.opt_state, parts.tx.init(source.params))
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(config, tmp_path):

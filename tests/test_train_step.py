@@ -6,7 +6,8 @@ import optax
 import conftest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from atdiff_jax.train_step import create_train_state, make_mesh, make_train_step
+from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_step import TrainParts, create_train_state, make_train_step
 
 
 def _batch(mesh, config, seed=0):
@@ -23,8 +24,9 @@ def _run(config, devices, num_steps=2):
   # SGD keeps the comparison about data parallelism: Adam's first step is sign(g) and
   # would amplify float-rounding differences in near-zero gradients.
   tx = optax.sgd(0.05)
-  state = create_train_state(config, mesh, tx=tx)
-  step = make_train_step(config, mesh, tx=tx)
+  parts = TrainParts.build(config, tx=tx)
+  state = create_train_state(config, mesh, parts)
+  step = make_train_step(config, mesh, parts)
   losses = []
   for i in range(num_steps):
     state, metrics = step(state, _batch(mesh, config, seed=i))
@@ -51,9 +53,10 @@ def test_step_updates_params_ema_and_counters(config):
   config.training.ema_rates = (0.5, 0.0)
   mesh = make_mesh()
   model = conftest.ToyDenoiser()
-  state = create_train_state(config, mesh, model=model)
+  parts = TrainParts.build(config, model)
+  state = create_train_state(config, mesh, parts)
   before = jax.device_get(state.params)
-  step = make_train_step(config, mesh, model=model)
+  step = make_train_step(config, mesh, parts)
   state, metrics = step(state, _batch(mesh, config))
   after = jax.device_get(state.params)
   assert np.isfinite(float(metrics['loss']))

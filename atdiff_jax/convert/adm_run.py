@@ -26,11 +26,9 @@ from atdiff_jax import config as config_lib
 from atdiff_jax.convert import adm_params, gd_options
 from atdiff_jax.convert.errors import ConversionError
 from atdiff_jax.convert.state_dict import read_state_dict
-from atdiff_jax.methods import get_objective
-from atdiff_jax.models import create_model
 from atdiff_jax.models.unet import count_params
-from atdiff_jax.train_state import TrainState, make_optimizer
-from atdiff_jax.train_step import make_init_fn
+from atdiff_jax.train_state import TrainState
+from atdiff_jax.train_step import TrainParts, make_init_fn
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +110,13 @@ def _apply(config: ml_collections.ConfigDict, fields: Mapping[str, Any], keep: s
 def build_state(config: ml_collections.ConfigDict, params: Any) -> TrainState:
   """The step-0 TrainState of training's initialisation, with `params` as the params and
   every EMA tree."""
-  model, tx = create_model(config), make_optimizer(config.training)
-  objective = get_objective(config, model)
+  parts = TrainParts.build(config)
   num_ema = len(config.training.ema_rates)
   # One compiled program rather than an op per leaf: the optimizer and EMA trees are copies.
-  state = jax.jit(lambda p: TrainState.create(p, tx, num_ema, objective.init_state(p)))(
+  state = jax.jit(lambda p: TrainState.create(p, parts.tx, num_ema,
+                                              parts.objective.init_state(p)))(
       jax.tree.map(jnp.asarray, params))
-  expected = jax.eval_shape(make_init_fn(config, model, tx, objective), jax.random.key(0))
+  expected = jax.eval_shape(make_init_fn(config, parts), jax.random.key(0))
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
   if shapes(state) != shapes(expected):
     raise ConversionError('the imported params do not form the train state the config '

@@ -1,4 +1,7 @@
 """Gaussian diffusion math: schedules, forward/posterior, losses, timestep samplers."""
+import ml_collections
+import numpy as np
+
 from atdiff_jax.diffusion.gaussian import GaussianDiffusion
 from atdiff_jax.diffusion.losses import (
     approx_standard_normal_cdf,
@@ -21,8 +24,22 @@ from atdiff_jax.diffusion.timestep_sampler import (
     update_loss_second_moment,
 )
 
+
+
+def betas_of(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The run's beta schedule (float64, config.diffusion), as samplers and processes take it."""
+  return get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def diffusion_of(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+  """The run's discrete diffusion process (config.diffusion)."""
+  return GaussianDiffusion.create(betas_of(config))
+
+
 __all__ = [
     'GaussianDiffusion',
+    'betas_of',
+    'diffusion_of',
     'LossSecondMomentState',
     'SCHEDULES',
     'TIMESTEP_SAMPLERS',

@@ -45,8 +45,8 @@ from atdiff_jax.evaluation.probe import (denoising_robustness, probe_mode,
 from atdiff_jax.evaluation.report import write_reports
 from atdiff_jax.evaluation.robustness import (attack_ball, make_denoising_fn,
                                               make_sampling_attack)
-from atdiff_jax.evaluation.run import (Run, load_run, open_run, resolve_config,
-                                       validate_eval)
+from atdiff_jax.evaluation.run import Run, load_run, open_run
+from atdiff_jax.evaluation.settings import options_of, resolve_config, validate_eval
 from atdiff_jax.evaluation.sweep import Cell, eval_mode, evaluate, setup_metrics, sweep_cells
 
 __all__ = [
@@ -55,6 +55,6 @@ __all__ = [
     'digits_features', 'eval_mode', 'evaluate', 'generate', 'inception_features', 'load_run',
     'load_samples', 'make_denoising_fn', 'make_mismatch_fn', 'make_sampling_attack',
     'measure_mismatch', 'open_run', 'pixel_features', 'probe_mode', 'reference_stats',
-    'resolve_config', 'sample_batches', 'sample_mode', 'sampling_robustness',
+    'options_of', 'resolve_config', 'sample_batches', 'sample_mode', 'sampling_robustness',
     'setup_metrics', 'sweep_cells', 'validate_eval', 'write_reports',
 ]

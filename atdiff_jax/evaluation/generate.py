@@ -26,9 +26,11 @@ from jax.experimental import multihost_utils
 
 from atdiff_jax import config as config_lib
 from atdiff_jax import images as images_lib
+from atdiff_jax import writing
 from atdiff_jax.data import to_uint8
+from atdiff_jax.evaluation import settings as eval_settings
 from atdiff_jax.evaluation import run as run_lib
-from atdiff_jax.sampling import gather_to_host
+from atdiff_jax.samplers.from_config import gather_to_host
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +110,6 @@ class _Progress:
           f'ETA {int(left) // 60}:{int(left) % 60:02d}', flush=True)
 
 
-def _write_npz(path: str, **arrays: np.ndarray) -> None:
-  """Atomic: a temporary file in the same folder, then a rename."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:  # a file object keeps numpy from appending '.npz'
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
 def _check_meta(out_dir: str, meta: dict[str, Any]) -> None:
   """Refuses to mix shards made with other settings; records the settings otherwise."""
   path = os.path.join(out_dir, META_FILE)
@@ -131,10 +125,7 @@ def _check_meta(out_dir: str, meta: dict[str, Any]) -> None:
           f'({", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())}); '
           'choose another config.eval.out_dir or delete that folder')
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(meta, f, indent=2)
-    os.replace(tmp, path)
+    writing.atomic_write(path, json.dumps(meta, indent=2))
 
 
 def _plan(num_samples: int, batch_size: int) -> list[tuple[int, int, int]]:
@@ -214,7 +205,8 @@ def generate(run: run_lib.Run, num_samples: int, *, sampler: str = 'dpm_solver++
     _, start, end = plan[index]
     if is_main:
       arrays = {'images': images} if labels is None else {'images': images, 'labels': labels}
-      _write_npz(os.path.join(out_dir, shard_name(start, end)), **arrays)
+      with writing.replacing(os.path.join(out_dir, shard_name(start, end))) as tmp:
+        np.savez(tmp, **arrays)
     if progress:
       progress.update(len(images), force=index == batches[-1])
   if not is_main:
@@ -240,7 +232,7 @@ def sample_mode(workdir: str, override=None) -> str:
   generate(run, int(ev.num_samples), sampler=ev.sampler, nfe=int(ev.nfe),
            eps_scale=float(ev.eps_scale), batch_size=int(ev.batch_size), seed=int(ev.seed),
            out_dir=out_dir, return_images=False, verbose=True,
-           **run_lib.sampler_options(ev, ev.sampler))
+           **eval_settings.options_of(ev, ev.sampler))
   if jax.process_index() == 0:
     print(f'sample: done; grid in {os.path.join(out_dir, GRID_FILE)}', flush=True)
   return out_dir

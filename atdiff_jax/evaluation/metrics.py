@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from atdiff_jax import writing
 from atdiff_jax.metrics import digits_fd
 from atdiff_jax.metrics import precision_recall as pr
 from atdiff_jax.metrics.features import make_feature_fn
@@ -248,12 +249,11 @@ def load_reference(path: str) -> ReferenceStats:
 def save_reference(path: str, stats: ReferenceStats) -> None:
   """Writes `stats` to `path` and its features (if any) to `<stem>_manifold.npz`, atomically."""
   if stats.features is not None:
-    features_path = pr.manifold_features_path(path)
-    pr.save_manifold_features(f'{features_path}.tmp', stats.features, **stats.metadata)
-    os.replace(f'{features_path}.tmp', features_path)
-  save_stats(f'{path}.tmp', stats.mu, stats.sigma, mu_spatial=stats.mu_spatial,
-             sigma_spatial=stats.sigma_spatial, **stats.metadata)
-  os.replace(f'{path}.tmp', path)
+    with writing.replacing(pr.manifold_features_path(path)) as tmp:
+      pr.save_manifold_features(tmp, stats.features, **stats.metadata)
+  with writing.replacing(path) as tmp:
+    save_stats(tmp, stats.mu, stats.sigma, mu_spatial=stats.mu_spatial,
+               sigma_spatial=stats.sigma_spatial, **stats.metadata)
 
 
 def _stale(stats: ReferenceStats, extractor: FeatureExtractor, num_images: int) -> list[str]:

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from atdiff_jax import parallel, samplers, sampling
+from atdiff_jax import config as config_lib
+from atdiff_jax import parallel, samplers
+from atdiff_jax.samplers import from_config
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.generate import batch_labels
 from atdiff_jax.samplers import common
@@ -134,9 +136,9 @@ def measure_mismatch(run: run_lib.Run, sampler: str = 'dpm_solver++', nfe: int =
   """The mismatch probe of one sampler setting on a trained run (see the module doc)."""
   config = run.config
   # As run.sample_fn does: a consistency run samples from its own sigma_max down to its t_min.
-  opts = sampling.sampler_defaults(config, sampler) | opts
+  opts = from_config.sampler_defaults(config, sampler) | opts
   batch_size = run.default_batch_size if batch_size is None else int(batch_size)
-  shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
+  shape = (batch_size, *config_lib.image_shape(config))
   probe_fn = run_lib.compiled_program(
       run, 'mismatch', (sampler, int(nfe), float(eps_scale), shape, run_lib.options_key(opts)),
       lambda: make_mismatch_fn(run.model_fn(), sampler, run.betas, int(nfe), shape, run.mesh,

@@ -22,6 +22,7 @@ from atdiff_jax import data
 from atdiff_jax.evaluation import mismatch as mismatch_lib
 from atdiff_jax.evaluation import probe_report
 from atdiff_jax.evaluation import robustness
+from atdiff_jax.evaluation import settings as eval_settings
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.sweep import Metric, score_samples, setup_metrics
 
@@ -105,7 +106,7 @@ def sampling_robustness(run: run_lib.Run, metrics: list[Metric], sampler: str, n
                         **opts: Any) -> list[Row]:
   """Rows (radius, at, metrics...) of samples attacked at `attack_at`; radius 0 first."""
   config = run.config
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  image_shape = config_lib.image_shape(config)
   settings = [(0.0, 'none')] + [(float(r), at) for r in radii for at in attack_at]
   rows = []
   for radius, at in settings:
@@ -145,7 +146,7 @@ def probe_mode(workdir: str, override: ml_collections.ConfigDict | None = None) 
     os.makedirs(out_dir, exist_ok=True)
   say = (lambda msg: print(f'probe: {msg}', flush=True)) if is_main else (lambda msg: None)
   sampler, nfe, eps_scale = ev.sampler, int(ev.nfe), float(ev.eps_scale)
-  opts = run_lib.sampler_options(ev, sampler)
+  opts = eval_settings.options_of(ev, sampler)
   batch_size, num_samples, seed = int(ev.batch_size), int(probe.num_samples), int(ev.seed)
   meta = {'workdir': run.workdir, 'step': run.step, 'weights': run.weights_name,
           'sampler': sampler, 'nfe': nfe, 'eps_scale': eps_scale, 'sampler_options': opts}

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from atdiff_jax.evaluation import mismatch as mismatch_lib
+from atdiff_jax import writing
 from atdiff_jax.evaluation import report
 
 Row = dict[str, Any]
@@ -17,16 +18,17 @@ Row = dict[str, Any]
 def write_table(rows: Sequence[Row], path_stem: str, title: str, meta: dict[str, Any]) -> None:
   """`rows` as <stem>.json (with `meta`), .csv and .md."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  report.atomic_write(f'{path_stem}.json', json.dumps({**meta, 'rows': list(rows)}, indent=2))
+  writing.atomic_write(f'{path_stem}.json', json.dumps({**meta, 'rows': list(rows)}, indent=2))
   out = io.StringIO()
   writer = csv.DictWriter(out, fieldnames=columns)
   writer.writeheader()
   writer.writerows(rows)
-  report.atomic_write(f'{path_stem}.csv', out.getvalue())
+  writing.atomic_write(f'{path_stem}.csv', out.getvalue())
   settings = ', '.join(f'{k} {v}' for k, v in meta.items() if not isinstance(v, dict))
   lines = [f'# {title}', '', settings, '']
-  lines += report.markdown_table(columns, [[row.get(c) for c in columns] for row in rows])
-  report.atomic_write(f'{path_stem}.md', '\n'.join(lines) + '\n')
+  lines += writing.markdown_table(columns, [[row.get(c) for c in columns] for row in rows],
+                                 report.format_value)
+  writing.atomic_write(f'{path_stem}.md', '\n'.join(lines) + '\n')
 
 
 def _figure(num_axes: int):
@@ -63,7 +65,7 @@ def plot_mismatch(result: mismatch_lib.MismatchResult, path: str) -> bool:
     axes.legend()
   figure.suptitle(f'{result.sampler}, NFE {result.nfe}, λ={result.eps_scale:g}, '
                   f'{result.num_samples} samples (tick labels: t)')
-  report.save_figure(figure, path)
+  writing.save_figure(figure, path)
   return True
 
 
@@ -85,5 +87,5 @@ def plot_denoising(rows: Sequence[Row], path: str) -> bool:
   axes.set_title(f'denoising error under attack ({rows[0]["num_images"]} images)')
   axes.grid(True, alpha=0.3)
   axes.legend()
-  report.save_figure(figure, path)
+  writing.save_figure(figure, path)
   return True

@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Any, Iterable, Sequence
 
+from atdiff_jax.writing import atomic_write, markdown_table, save_figure
+
 log = logging.getLogger(__name__)
 
 KEY_FIELDS = ('step', 'weights', 'sampler', 'nfe', 'eps_scale', 'num_samples', 'seed',
@@ -28,21 +30,6 @@ Row = dict[str, Any]
 def row_key(row: Row) -> str:
   """The identity of a cell: rows with the same key are the same measurement."""
   return json.dumps({k: row.get(k) for k in KEY_FIELDS}, sort_keys=True)
-
-
-def atomic_write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def save_figure(figure, path: str) -> None:
-  """A matplotlib Figure as PNG, written to a temporary file and renamed (never half-written)."""
-  figure.tight_layout()
-  tmp = f'{path}.tmp.png'
-  figure.savefig(tmp)
-  os.replace(tmp, path)
 
 
 def load_rows(out_dir: str) -> list[Row]:
@@ -83,12 +70,6 @@ def format_value(value: Any) -> str:
   return str(value)
 
 
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-  lines += ['| ' + ' | '.join(format_value(v) for v in line) + ' |' for line in body]
-  return lines
-
-
 def _groups(rows: Sequence[Row]) -> dict[tuple, list[Row]]:
   """Rows by (step, weights, num_samples, seed): one comparable sweep each."""
   groups: dict[tuple, list[Row]] = {}
@@ -116,11 +97,13 @@ def to_markdown(rows: Sequence[Row], title: str = 'Evaluation') -> str:
         values = {r['nfe']: r.get(metric) for r in group
                   if (r['sampler'], r['eps_scale']) == (sampler, eps_scale)}
         body.append([sampler, eps_scale] + [values.get(n) for n in nfes])
-      lines += markdown_table(['sampler', 'eps_scale'] + [f'NFE {n}' for n in nfes], body) + ['']
+      lines += markdown_table(['sampler', 'eps_scale'] + [f'NFE {n}' for n in nfes], body,
+                               format_value) + ['']
     metrics = _metric_columns(group)
     lines += ['All cells:', '']
     header = ['sampler', 'nfe', 'eps_scale'] + metrics + list(TIMING)
-    lines += markdown_table(header, [[r.get(k) for k in header] for r in group]) + ['']
+    lines += markdown_table(header, [[r.get(k) for k in header] for r in group],
+                             format_value) + ['']
   return '\n'.join(lines)
 
 

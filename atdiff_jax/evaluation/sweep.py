@@ -32,6 +32,7 @@ from atdiff_jax import config as config_lib
 from atdiff_jax import data
 from atdiff_jax.evaluation import metrics as metrics_lib
 from atdiff_jax.evaluation import report
+from atdiff_jax.evaluation import settings as eval_settings
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.generate import sample_batches
 from atdiff_jax.metrics.fid import ReferenceStats
@@ -177,7 +178,7 @@ def evaluate_cell(run: run_lib.Run, cell: Cell, metrics: list[Metric]) -> dict[s
   ev = run.config.eval
   return score_samples(run, metrics, int(ev.num_samples), sampler=cell.sampler, nfe=cell.nfe,
                        eps_scale=cell.eps_scale, batch_size=int(ev.batch_size),
-                       seed=int(ev.seed), **run_lib.sampler_options(ev, cell.sampler))
+                       seed=int(ev.seed), **eval_settings.options_of(ev, cell.sampler))
 
 
 def evaluate(run: run_lib.Run, out_dir: str | None = None, verbose: bool = True
@@ -186,7 +187,7 @@ def evaluate(run: run_lib.Run, out_dir: str | None = None, verbose: bool = True
 
   Returns this sweep's rows (cells done earlier included).
   """
-  run_lib.validate_eval(run.config, 'eval', run.mesh.size)
+  eval_settings.validate_eval(run.config, 'eval', run.mesh.size)
   ev = run.config.eval
   out_dir = os.path.join(run.workdir, EVAL_DIR) if out_dir is None else out_dir
   is_main = jax.process_index() == 0
@@ -200,7 +201,7 @@ def evaluate(run: run_lib.Run, out_dir: str | None = None, verbose: bool = True
   for i, cell in enumerate(cells):
     base = {'step': run.step, 'weights': run.weights_name, 'sampler': cell.sampler,
             'nfe': cell.nfe, 'eps_scale': cell.eps_scale, 'num_samples': int(ev.num_samples),
-            'seed': int(ev.seed), 'sampler_options': run_lib.sampler_options(ev, cell.sampler)}
+            'seed': int(ev.seed), 'sampler_options': eval_settings.options_of(ev, cell.sampler)}
     key = report.row_key(base)
     label = f'[{i + 1}/{len(cells)}] {cell.sampler} NFE {cell.nfe} eps_scale {cell.eps_scale:g}'
     done = rows.get(key)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from atdiff_jax import adversarial
-from atdiff_jax.train_step import updates_per_minibatch
+from atdiff_jax.config import updates_per_minibatch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,10 +20,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from atdiff_jax import train
+from atdiff_jax import train, writing
 from atdiff_jax.evaluation import report, sweep
+from atdiff_jax.evaluation import settings as eval_settings
 from atdiff_jax.evaluation import run as run_lib
-from atdiff_jax.train_step import updates_per_minibatch
+from atdiff_jax.config import updates_per_minibatch
 
 CURVE_JSON = 'plateau.json'
 CURVE_PNG = 'plateau.png'
@@ -119,7 +120,7 @@ def _score(config, workdir: str, step: int, rule: PlateauRule) -> tuple[float, s
   scores = sweep.score_samples(run, metrics, rule.num_samples, sampler=rule.sampler,
                                nfe=rule.nfe, eps_scale=1.0,
                                batch_size=int(eval_config.eval.batch_size), seed=rule.seed,
-                               **run_lib.sampler_options(eval_config.eval, rule.sampler))
+                               **eval_settings.options_of(eval_config.eval, rule.sampler))
   metric = next(m for m in report.PLOT_METRICS if m in scores)
   return float(scores[metric]), metric
 
@@ -138,7 +139,7 @@ def _load(path: str, rule: PlateauRule) -> dict[str, Any]:
 
 def _save(path: str, record: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    report.atomic_write(path, json.dumps(record, indent=2))
+    writing.atomic_write(path, json.dumps(record, indent=2))
 
 
 def plot(record: dict[str, Any], path: str) -> None:
@@ -159,4 +160,4 @@ def plot(record: dict[str, Any], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   figure.tight_layout()
-  report.save_figure(figure, path)
+  writing.save_figure(figure, path)

@@ -12,12 +12,13 @@ from typing import Any, Sequence
 
 import jax
 
-from atdiff_jax import checkpoint, config as config_lib, evaluation, train
-from atdiff_jax.evaluation import report, sweep, run as run_lib
+from atdiff_jax import checkpoint, config as config_lib, evaluation, train, writing
+from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau
 from atdiff_jax.experiments import summary as summary_lib
-from atdiff_jax.samplers import options as sampler_options
+from atdiff_jax.samplers.options import check_config_options
+from atdiff_jax.evaluation import settings as eval_settings
 
 RESULT_FILE = 'result.json'
 
@@ -50,7 +51,7 @@ def evaluate_checkpoint(config, workdir: str, out_dir: str,
     ev = run.config.eval
     mismatch = evaluation.measure_mismatch(
         run, sampler, nfe, int(ev.num_samples), 1.0, int(ev.batch_size), int(ev.seed),
-        **run_lib.sampler_options(ev, sampler))
+        **eval_settings.options_of(ev, sampler))
     # Means over the sampler's steps: the model's eps-error on its own x_t and on q(x_t|x0).
     result['mismatch'] = {k: float(mismatch.values[k].mean())
                           for k in summary_lib.MISMATCH_FIELDS}
@@ -71,14 +72,14 @@ def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int | None,
                                os.path.join(workdir, sweep.EVAL_DIR), probe)
   result = {'arm': arm.name, 'about': arm.about, 'seed': seed, 'metric': scored['metric'],
             'updates': (0 if checkpoint_dir else
-                        scored['step'] * arms_lib.updates_per_minibatch(config)),
+                        scored['step'] * config_lib.updates_per_minibatch(config)),
             'scores': scored['scores'], 'mismatch': scored['mismatch']}
   if 'mismatch_setting' in scored:
     result['mismatch_setting'] = scored['mismatch_setting']
   result['train_s'] = round(trained - start, 1)
   result['eval_s'] = round(time.perf_counter() - trained, 1)
   os.makedirs(workdir, exist_ok=True)
-  report.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=2))
+  writing.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=2))
   return result
 
 
@@ -91,7 +92,7 @@ def fine_tune_updates(base_updates: int, ratio: float, arms: Sequence[arms_lib.A
     config = base_config.copy_and_resolve_references()
     config.unlock()
     arm.apply(config)
-    step = math.lcm(step, arms_lib.updates_per_minibatch(config))
+    step = math.lcm(step, config_lib.updates_per_minibatch(config))
   return max(step, math.ceil(ratio * base_updates / step) * step)
 
 
@@ -116,8 +117,8 @@ def _plan(base_config, workdir, arms, seeds_by_arm, updates, lr, base_dir, sourc
     except ValueError as e:
       raise config_lib.ConfigError(f'--updates={updates}: {e}') from None
     config_lib.validate_training(config, jax.device_count(), jax.process_count())
-    run_lib.validate_eval(config, 'eval', jax.device_count())
-    sampler_options.check_config_options(config.eval)
+    eval_settings.validate_eval(config, 'eval', jax.device_count())
+    check_config_options(config.eval)
     plan.append((arm, seed, config, folder))
   return plan
 
@@ -160,7 +161,7 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
                    else updates)
   _plan(base_config, workdir, arms, seeds_by_arm, trial_updates, lr, base_dir, source_field)
   if probe is not None:
-    run_lib.validate_eval(base_config, 'sample', jax.device_count())
+    eval_settings.validate_eval(base_config, 'sample', jax.device_count())
   base_record = None
   if base:
     checkpoint.find_checkpoint(base)  # a missing base stops here
@@ -211,11 +212,11 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
     settings['base stop'] = (f'minibatch {base_record["stopped_at"]}: '
                              f'{base_record["reason"]} (see base/{plateau.CURVE_PNG})')
   if jax.process_index() == 0:
-    report.atomic_write(os.path.join(workdir, 'results.json'), json.dumps(
+    writing.atomic_write(os.path.join(workdir, 'results.json'), json.dumps(
         {'settings': settings, 'summary': summary, 'runs': results,
          'base_curve': base_record}, indent=2))
     markdown = summary_lib.to_markdown(summary, settings, title)
-    report.atomic_write(os.path.join(workdir, 'results.md'), markdown)
+    writing.atomic_write(os.path.join(workdir, 'results.md'), markdown)
     summary_lib.plot(summary, os.path.join(workdir, f'{summary["metric"]}_vs_nfe.png'))
     print(markdown, flush=True)
   return summary
@@ -224,4 +225,4 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
 def _checkpoint_updates(workdir: str) -> int:
   """Optimizer updates of a run's latest checkpoint (minibatches times K from its config)."""
   step = int(os.path.basename(checkpoint.find_checkpoint(workdir)))
-  return step * arms_lib.updates_per_minibatch(checkpoint.load_config(workdir))
+  return step * config_lib.updates_per_minibatch(checkpoint.load_config(workdir))

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from atdiff_jax.evaluation import report
+from atdiff_jax import writing
 
 BETTER, WORSE, TIE, UNKNOWN = 'better', 'worse', 'no difference', 'n/a (one seed)'
 MISMATCH_FIELDS = ('err_sampler', 'err_q')
@@ -158,12 +158,12 @@ def to_markdown(summary: dict[str, Any], settings: dict[str, Any],
             'samples and the mismatch probe\'s eps-errors, lower is better. **Bold**: lower '
             f'than {reference} (the fair baseline: the same number of updates) by more than '
             'twice the standard error of the difference; _italic_: higher by as much.', '']
-  lines += report.markdown_table(header, body)
+  lines += writing.markdown_table(header, body)
   if base:
     lines += ['', f'## Against the {base} checkpoint (paper-style)', '',
               f'Arm mean - {base} value; **bold**: lower by more than twice the arm\'s '
               'standard error, _italic_: higher by as much.', '']
-    lines += report.markdown_table(header, [
+    lines += writing.markdown_table(header, [
         [arm] + [_format_base(cells.get(c)) for c in columns]
         for arm, cells in summary['arms'].items() if arm != base])
   lines += ['', '## Verdicts', ''] + verdict_lines(summary)
@@ -173,7 +173,7 @@ def to_markdown(summary: dict[str, Any], settings: dict[str, Any],
   lines += ['', '## Paired differences', '',
             f'Arm - {reference} with the same training seed (shared data order and draws), '
             'mean ± sample standard deviation over seeds; negative is better.', '']
-  lines += report.markdown_table(header, paired)
+  lines += writing.markdown_table(header, paired)
   return '\n'.join(lines) + '\n'
 
 
@@ -226,5 +226,5 @@ def plot(summary: dict[str, Any], path: str) -> bool:
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7)
   figure.tight_layout()
-  report.save_figure(figure, path)
+  writing.save_figure(figure, path)
   return True

@@ -1,10 +1,11 @@
 """Model construction from the config's `model` block."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
-from atdiff_jax.config import model_field
+from atdiff_jax.config import image_shape, model_field
 
 
 def create_model(config: ml_collections.ConfigDict):
@@ -33,10 +34,17 @@ def create_model(config: ml_collections.ConfigDict):
 
 def init_params(model, config: ml_collections.ConfigDict, rng):
   """Fresh params of `model` for images of `config.data` (labels when class-conditional)."""
-  size, channels = config.data.image_size, config.data.channels
   y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  return model.init({'params': rng}, jnp.zeros((1, size, size, channels)), jnp.zeros((1,)), y,
+  return model.init({'params': rng}, jnp.zeros((1, *image_shape(config))), jnp.zeros((1,)), y,
                     train=False)['params']
+
+
+def abstract_params(config: ml_collections.ConfigDict, model=None, sharding=None):
+  """The shapes and dtypes of the params `config`'s network has (ShapeDtypeStructs, on
+  `sharding` if given), without computing any: what a checkpoint is restored into."""
+  model = create_model(config) if model is None else model
+  tree = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def make_apply_fn(model):

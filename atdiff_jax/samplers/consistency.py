@@ -4,10 +4,10 @@ x = f(z, t_0) with z ~ N(0, I) at the first time; then for each next time t_i th
 sent forward from the boundary t_min to t_i, x_t = (alpha_t / alpha_min) x + sqrt(1 -
 (alpha_t / alpha_min)^2) z (the exact VP transition), and x = f(x_t, t_i). The model is an eps
 model whose x0 prediction (x - sigma eps) / alpha is the consistency function (a consistency
-run is wrapped so by `sampling.params_model_fn`); any eps model can be sampled this way.
+run is wrapped so by `from_config.params_model_fn`); any eps model can be sampled this way.
 
 The output f is a sample of the t_min marginal: t_min is the model's boundary (f(x, t_min) =
-x), so a consistency run samples with its own `consistency.t_min` (`sampling.sampler_defaults`).
+x), so a consistency run samples with its own `consistency.t_min` (`from_config.sampler_defaults`).
 
 Times: `timesteps`, on the original scale, descending and all above t_min; by default a
 Karras grid (rho = 7) of num_steps + 1 noise levels sigma~ from `sigma_max` down to that of

@@ -66,27 +66,27 @@ def main(argv):
   logging.getLogger('jax._src').setLevel(logging.WARNING)  # backend probing is noise here
   # Imported here so that flag errors cost no backend start-up.
   # pylint: disable=g-import-not-at-top
-  from atdiff_jax import benchmarks, config as config_lib
-  from atdiff_jax.evaluation.report import atomic_write
+  from atdiff_jax import bench, config as config_lib
+  from atdiff_jax.writing import atomic_write
 
   config = _CONFIG.value
   config_name = config_flags.get_config_filename(flags.FLAGS['config'])
   steps, warmup, repeats = _STEPS.value, _WARMUP.value, _REPEATS.value
   try:
-    variants = benchmarks.parse_variants(_VARIANTS.value)
+    variants = bench.parse_variants(_VARIANTS.value)
   except ValueError as e:
     raise app.UsageError(f'--variants: {e}') from None
-  unknown = set(_SAMPLERS.value + [_FID_SAMPLER.value]) - set(benchmarks.SAMPLERS)
+  unknown = set(_SAMPLERS.value + [_FID_SAMPLER.value]) - set(bench.SAMPLERS)
   if unknown:
     raise app.UsageError(f'--samplers: unknown {", ".join(sorted(unknown))}; '
-                         f'allowed: {", ".join(benchmarks.SAMPLERS)}')
+                         f'allowed: {", ".join(bench.SAMPLERS)}')
   if {'sample', 'fid'} & set(_WHAT.value) and _NFE.value > config.diffusion.num_timesteps:
     raise app.UsageError(f'--nfe={_NFE.value} exceeds config.diffusion.num_timesteps='
                          f'{config.diffusion.num_timesteps}')
 
-  results = {'environment': benchmarks.environment(config, config_name)}
+  results = {'environment': bench.environment(config, config_name)}
   if _HEADER.value:
-    print(benchmarks.format_header(results['environment'], steps=steps, warmup=warmup,
+    print(bench.format_header(results['environment'], steps=steps, warmup=warmup,
                                    repeats=repeats), flush=True)
 
   def done(part: str, result: dict, table: str) -> None:
@@ -97,26 +97,26 @@ def main(argv):
 
   try:
     if 'train' in _WHAT.value:
-      result = benchmarks.bench_train(config, variants, steps, warmup, repeats, log=_log,
+      result = bench.bench_train(config, variants, steps, warmup, repeats, log=_log,
                                       peak_tflops=_PEAK_TFLOPS.value)
-      done('train', result, benchmarks.format_train_table(result))
+      done('train', result, bench.format_train_table(result))
     if 'sample' in _WHAT.value:
-      result = benchmarks.bench_sample(config, _SAMPLERS.value, _NFE.value, steps, warmup,
+      result = bench.bench_sample(config, _SAMPLERS.value, _NFE.value, steps, warmup,
                                        repeats, log=_log)
-      done('sample', result, benchmarks.format_sample_table(result))
+      done('sample', result, bench.format_sample_table(result))
     if 'inception' in _WHAT.value:
-      result = benchmarks.bench_inception(
+      result = bench.bench_inception(
           _INCEPTION_BATCH.value or config.training.batch_size, steps, warmup, repeats,
           _INCEPTION_WEIGHTS.value, log=_log)
-      done('inception', result, benchmarks.format_inception_table(result))
+      done('inception', result, bench.format_inception_table(result))
     if 'fid' in _WHAT.value:
-      result = benchmarks.bench_fid_pipeline(
+      result = bench.bench_fid_pipeline(
           config, _FID_SAMPLES.value, _FID_SAMPLER.value, _NFE.value,
           _INCEPTION_BATCH.value, _INCEPTION_WEIGHTS.value, log=_log)
-      done('fid', result, benchmarks.format_fid_table(result))
+      done('fid', result, bench.format_fid_table(result))
     if 'sweep' in _WHAT.value:
-      result = benchmarks.bench_sweep(config, _SWEEP_RUNS.value, _SWEEP_SAMPLES.value, log=_log)
-      done('sweep', result, benchmarks.format_sweep_table(result))
+      result = bench.bench_sweep(config, _SWEEP_RUNS.value, _SWEEP_SAMPLES.value, log=_log)
+      done('sweep', result, bench.format_sweep_table(result))
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

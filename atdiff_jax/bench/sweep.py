@@ -4,8 +4,10 @@ An experiment scores many runs (arms x seeds) of the same network with the same 
 run used to build and compile its sampler programs afresh (with the persistent XLA cache
 on, as the experiment has it, a compile became a cache lookup after the first run); now a
 process compiles each (network, sampler, NFE, batch) once and passes params as arguments.
-This part scores `num_runs` checkpoints (fresh random params each) both ways, in one
-process, and reports seconds per run.
+This part scores each of `num_runs` checkpoints (fresh random params each) both ways, back
+to back (so that both see the same load on the machine): first with its programs built
+afresh, as before, then with the programs it has just built, as every later run now
+does. The first run's fresh scoring compiles for real (empty persistent cache).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import jax
 import ml_collections
 
 from atdiff_jax import config as config_lib
-from atdiff_jax.benchmarks.sample import random_params
+from atdiff_jax.bench.sample import random_params
+from atdiff_jax.evaluation import settings as eval_settings
 from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation import sweep
 from atdiff_jax.models import create_model
@@ -48,7 +51,7 @@ def bench_sweep(config: ml_collections.ConfigDict, num_runs: int = 3, num_sample
     for cell in cells:
       sweep.score_samples(run, metrics, num_samples, sampler=cell.sampler, nfe=cell.nfe,
                           eps_scale=cell.eps_scale, batch_size=batch, seed=0,
-                          **run_lib.sampler_options(config.eval, cell.sampler))
+                          **eval_settings.options_of(config.eval, cell.sampler))
     return time.perf_counter() - start
 
   old_cache = jax.config.jax_compilation_cache_dir
@@ -56,16 +59,13 @@ def bench_sweep(config: ml_collections.ConfigDict, num_runs: int = 3, num_sample
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'xla'))
     try:
       per_run, once = [], []
-      for run in runs:  # before: every run builds its programs (the XLA cache helps)
-        sweep.forget_setup()
+      for run in runs:
+        sweep.forget_setup()  # before: every run builds its programs (the XLA cache helps)
         per_run.append(score(run))
+        once.append(score(run))  # now: every run after the first reuses them
         if log:
-          log(f'sweep: programs per run: {per_run[-1]:.1f} s')
-      sweep.forget_setup()
-      for run in runs:  # now: the first run compiles, the others reuse
-        once.append(score(run))
-        if log:
-          log(f'sweep: programs once a process: {once[-1]:.1f} s')
+          log(f'sweep: run {len(once)}: programs built afresh {per_run[-1]:.1f} s, '
+              f'reused {once[-1]:.1f} s')
     finally:
       jax.config.update('jax_compilation_cache_dir', old_cache)
       sweep.forget_setup()

@@ -10,8 +10,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from atdiff_jax import config as config_lib
-from atdiff_jax.benchmarks import common
-from atdiff_jax.benchmarks.sample import random_params
+from atdiff_jax.bench import common
+from atdiff_jax.bench.sample import random_params
 from atdiff_jax.evaluation import metrics as metrics_lib
 from atdiff_jax.evaluation.run import Run
 from atdiff_jax.evaluation.sweep import score_samples

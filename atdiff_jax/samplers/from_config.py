@@ -12,16 +12,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from atdiff_jax import parallel, samplers
-from atdiff_jax.config import is_consistency
-from atdiff_jax.diffusion import get_beta_schedule
-from atdiff_jax.diffusion.consistency import Parametrisation, as_eps_model
-from atdiff_jax.diffusion.vp_time import VPTime
+from atdiff_jax.config import image_shape
+from atdiff_jax.diffusion import betas_of
 from atdiff_jax.models import create_model, make_apply_fn
-
-
-def diffusion_betas(config: ml_collections.ConfigDict) -> np.ndarray:
-  """The run's beta schedule (float64), as the samplers take it."""
-  return get_beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+from atdiff_jax.views import view_of
 
 
 def params_model_fn(model, config: ml_collections.ConfigDict | None = None
@@ -29,24 +23,18 @@ def params_model_fn(model, config: ml_collections.ConfigDict | None = None
   """`model_fn(x, t, y, params) -> output` for the samplers: params are an input of the
   compiled program, not constants baked into it.
 
-  For a consistency run (`config.objective` cd | ct) the output is the eps whose x0
-  prediction is the consistency function f(x, t), so every sampler and probe can use it.
+  With `config`, the output is read as the run's objective reads it (`views`): e.g. a
+  consistency run's as the eps whose x0 prediction is f(x, t), so every sampler and probe
+  can use it.
   """
   apply = make_apply_fn(model)
   model_fn = lambda x, t, y, params: apply(params, x, t, y)
-  if config is None or not is_consistency(config):
-    return model_fn
-  return as_eps_model(model_fn, Parametrisation.from_config(config.consistency),
-                      VPTime.create(diffusion_betas(config)), config.data.channels)
+  return model_fn if config is None else view_of(config).eval_model_fn(model_fn)
 
 
 def sampler_defaults(config: ml_collections.ConfigDict, sampler: str) -> dict:
-  """Options a run's own training settles: the consistency sampler starts at the sigma~_max
-  a consistency run was trained up to and stops at its boundary timestep t_min."""
-  if sampler == 'consistency' and is_consistency(config):
-    return {'sigma_max': float(config.consistency.sigma_max),
-            't_min': float(config.consistency.t_min)}
-  return {}
+  """Options of `sampler` that the run's own training settles (`views`)."""
+  return view_of(config).sampler_defaults(sampler)
 
 
 def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples: int,
@@ -60,10 +48,10 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples:
   model = create_model(config) if model is None else model
   devices = parallel.num_shards(mesh)
   n = math.ceil(num_samples / devices) * devices
-  shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
+  shape = (n, *image_shape(config))
   num_steps = num_steps or config.diffusion.num_timesteps
   sample = samplers.make_sample_fn(params_model_fn(model, config), sampler,
-                                   diffusion_betas(config), num_steps, shape, mesh,
+                                   betas_of(config), num_steps, shape, mesh,
                                    **(sampler_defaults(config, sampler) | sampler_opts))
   labels = None
   if config.model.num_classes:
@@ -75,10 +63,10 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: Mesh, num_samples:
   return generate
 
 
-def make_grid_sampler(config: ml_collections.ConfigDict, mesh: Mesh, model=None):
-  """The training loop's preview with training.sample_steps steps: ancestral sampling, or
-  consistency sampling for a consistency run."""
-  sampler = 'consistency' if is_consistency(config) else 'ancestral'
+def make_preview_fn(config: ml_collections.ConfigDict, mesh: Mesh, model=None):
+  """The training loop's preview with training.sample_steps steps, with the sampler of the
+  run's objective (`views`: ancestral, or consistency sampling for a consistency run)."""
+  sampler = view_of(config).preview_sampler
   return make_generate_fn(config, mesh, config.training.num_samples, sampler,
                           config.training.sample_steps, model)
 

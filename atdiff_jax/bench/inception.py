@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from atdiff_jax.benchmarks import common
+from atdiff_jax.bench import common
 from atdiff_jax.metrics.features import make_feature_fn
 from atdiff_jax.models.inception import (INCEPTION_SIZE, InceptionV3, load_inception,
                                          random_variables)

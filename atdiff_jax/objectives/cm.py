@@ -1,8 +1,8 @@
 """Consistency distillation (CD) and consistency training (CT, improved CT, ECT) on the VP
-axis of this project's DPMs, as an `Objective` (methods/base.py).
+axis of this project's DPMs, as an `Objective` (objectives/base.py).
 
 One minibatch example is a pair of times s < t on the original timestep scale, a noise z
-and x_t = alpha_t x0 + sigma_t z. The student f_theta (diffusion/consistency.py) sees
+and x_t = alpha_t x0 + sigma_t z. The student f_theta (diffusion/consistency_function.py) sees
 x_t (+ delta under AT); its target is stop_grad f_target(x_s, s), with
 - CD: x_s = one ODE step of the frozen teacher from (x_t, t) to s (DDIM, or Heun with two
   teacher calls), computed once per minibatch in `draw`, not once per AT pass;
@@ -35,7 +35,6 @@ x_t + delta, in every pass).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -46,13 +45,12 @@ from jax import lax
 from jax.sharding import Mesh
 
 from atdiff_jax import checkpoint, parallel
-from atdiff_jax.config import ConfigError
-from atdiff_jax.diffusion import get_beta_schedule
-from atdiff_jax.diffusion.consistency import Parametrisation
+from atdiff_jax.config import image_shape, perturbed_t_range, updates_per_minibatch
+from atdiff_jax.diffusion import betas_of
+from atdiff_jax.diffusion.consistency_function import Parametrisation
 from atdiff_jax.diffusion.vp_time import VPTime, broadcast_to
-from atdiff_jax.methods.base import Objective
-from atdiff_jax.methods.dpm import image_shape, resolved_t_range
-from atdiff_jax.models import init_params, make_apply_fn
+from atdiff_jax.objectives.base import Objective
+from atdiff_jax.models import abstract_params, make_apply_fn
 
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]            # eps(x, t) of the teacher
@@ -144,8 +142,7 @@ def truncated_lognormal(key: Array, p_mean: float, p_std: float, low: float,
 
 def time_range(config: ml_collections.ConfigDict) -> tuple[float, float, float, float]:
   """(t_min, t_max, sigma~_min, sigma~_max) of the consistency model, on the host."""
-  vp = VPTime.create(get_beta_schedule(config.diffusion.schedule,
-                                       config.diffusion.num_timesteps))
+  vp = VPTime.create(betas_of(config))
   t_min = float(config.consistency.t_min)
   sigma_max = float(config.consistency.sigma_max)
   return (t_min, float(vp.time_of_ve_sigma(sigma_max)), float(vp.ve_sigma(t_min)), sigma_max)
@@ -154,18 +151,10 @@ def time_range(config: ml_collections.ConfigDict) -> tuple[float, float, float, 
 def teacher_problems(config: ml_collections.ConfigDict) -> None:
   """Checks `config.teacher` for CD (a DPM run of this project that fits the student)
   before anything is loaded or compiled; raises ConfigError / CheckpointError."""
-  teacher = config.teacher  # non-empty: config.validate_consistency
-  if not os.path.isdir(teacher):
-    raise ConfigError(f'config.teacher={teacher!r}: no such directory (expected the workdir '
-                      'of a DPM run)')
-  theirs = checkpoint.load_config(teacher)
-  if theirs.get('objective', 'dpm') != 'dpm':
-    raise ConfigError(f'config.teacher={teacher!r}: the run there trains '
-                      f'objective={theirs.objective!r}; a teacher must be a DPM run')
-  checkpoint.check_same_network(
-      config, teacher, 'teacher',
-      'the student starts as the teacher and learns its noise process, so they must match')
-  checkpoint.find_checkpoint(teacher)  # CheckpointError when it holds none
+  checkpoint.check_source_run(  # config.teacher is non-empty: config.validate_consistency
+      config, config.teacher, 'teacher',
+      'the student starts as the teacher and learns its noise process, so they must match',
+      objective='dpm')
 
 
 # ------------------------------------------------------------------ the objective
@@ -179,6 +168,9 @@ class ConsistencyObjective(Objective):
   the frozen teacher params.
   """
   init_params_from = 'ema'
+  # The pair and the noise; a third key, unused, keeps the layout (and the numbers) of the
+  # runs made when every objective split three.
+  num_draw_keys = 3
 
   def __init__(self, config: ml_collections.ConfigDict, model,
                teacher_step: TeacherStep | None = None):
@@ -189,18 +181,16 @@ class ConsistencyObjective(Objective):
 
   def _setup(self, config, model, teacher_step):
     c = config.consistency
-    self.vp = VPTime.create(get_beta_schedule(config.diffusion.schedule,
-                                              config.diffusion.num_timesteps))
+    self.vp = VPTime.create(betas_of(config))
     self.parametrisation = Parametrisation.from_config(c)
     self.apply = make_apply_fn(model)
     self.model = model
     self.shape = image_shape(config)
     self.class_cond = bool(config.model.num_classes)
     self.t_min, self.t_max, self.sigma_min, self.sigma_max = time_range(config)
-    self.adv_t_range = resolved_t_range(config)
+    self.perturbed_t_range = perturbed_t_range(config)
     self.mu = float(c.target_ema)
-    self.total_updates = int(config.training.num_steps) * (
-        int(config.adv.steps) if config.adv.method == 'free' else 1)
+    self.total_updates = int(config.training.num_steps) * updates_per_minibatch(config)
     self.c = c
     if c.pairs == 'grid':
       if c.grid == 'karras':
@@ -233,22 +223,16 @@ class ConsistencyObjective(Objective):
   def default_init_from(self) -> str:
     return self.config.get('teacher', '') if self.distil else ''
 
-  def _abstract_params(self):
-    return jax.eval_shape(lambda: init_params(self.model, self.config, jax.random.key(0)))
-
   def frozen_shapes(self):
-    return {'teacher': self._abstract_params()} if self.distil else ()
+    return {'teacher': abstract_params(self.config, self.model)} if self.distil else ()
 
   def load_frozen(self, mesh: Mesh):
     """The teacher's EMA params (its first EMA tree, latest checkpoint), read-only. The
-    teacher run was checked before the objective was built (methods.check_frozen_sources)."""
+    teacher run was checked before the objective was built (objectives.check_frozen_sources)."""
     if not self.distil:
       return ()
-    replicated = parallel.replicated(mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            self._abstract_params())
-    step_dir = checkpoint.find_checkpoint(self.config.teacher)
-    return {'teacher': checkpoint.restore_params(step_dir, abstract, ema_index=0)}
+    abstract = abstract_params(self.config, self.model, parallel.replicated(mesh))
+    return {'teacher': checkpoint.read_ema_params(self.config.teacher, abstract)}
 
   def init_frozen(self, params):
     return {'teacher': params} if self.distil else ()
@@ -324,10 +308,6 @@ class ConsistencyObjective(Objective):
                                       rng))
     losses = distance(student, target, self.c.distance)
     return jnp.mean(losses * batch['weights']), {'losses': losses}
-
-  def perturb_mask(self, batch):
-    t_min, t_max = self.adv_t_range
-    return ((batch['t'] >= t_min) & (batch['t'] <= t_max)).astype(batch['x0'].dtype)
 
   def input_sigma(self, batch):
     return self.vp.sigma(batch['t'])

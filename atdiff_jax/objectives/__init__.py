@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from atdiff_jax.config import OBJECTIVES, objective_of
-from atdiff_jax.methods.base import Objective
+from atdiff_jax.objectives.base import Objective
 
 
 def get_objective(config: ml_collections.ConfigDict, model) -> Objective:
@@ -19,10 +19,10 @@ def get_objective(config: ml_collections.ConfigDict, model) -> Objective:
   # pylint: disable=g-import-not-at-top
   name = objective_of(config)
   if name == 'dpm':
-    from atdiff_jax.methods.dpm import DPMObjective
+    from atdiff_jax.objectives.dpm import DPMObjective
     return DPMObjective(config, model)
   if name in ('cd', 'ct'):
-    from atdiff_jax.methods.consistency import ConsistencyObjective
+    from atdiff_jax.objectives.cm import ConsistencyObjective
     return ConsistencyObjective(config, model)
   raise ValueError(f'unknown objective {name!r}; allowed: {", ".join(OBJECTIVES)}')
 
@@ -31,7 +31,7 @@ def check_frozen_sources(config: ml_collections.ConfigDict) -> None:
   """Checks the runs the objective reads its frozen extras from (a distillation teacher):
   one clear line, before the objective is built and anything compiles."""
   if objective_of(config) == 'cd':
-    from atdiff_jax.methods.consistency import teacher_problems  # pylint: disable=g-import-not-at-top
+    from atdiff_jax.objectives.cm import teacher_problems  # pylint: disable=g-import-not-at-top
     teacher_problems(config)
 
 

@@ -4,16 +4,16 @@ the FID pipeline end to end.
 `python -m atdiff_jax.bench` is the command line; each part is also a plain function
 returning JSON-ready dicts, and `report` turns them into markdown tables.
 """
-from atdiff_jax.benchmarks.common import environment
-from atdiff_jax.benchmarks.fid_pipeline import bench_fid_pipeline
-from atdiff_jax.benchmarks.inception import bench_inception
-from atdiff_jax.benchmarks.report import (format_fid_table, format_header,
+from atdiff_jax.bench.common import environment
+from atdiff_jax.bench.fid_pipeline import bench_fid_pipeline
+from atdiff_jax.bench.inception import bench_inception
+from atdiff_jax.bench.report import (format_fid_table, format_header,
                                           format_inception_table, format_sample_table,
                                           format_sweep_table, format_train_table)
-from atdiff_jax.benchmarks.sample import bench_sample
-from atdiff_jax.benchmarks.sweep import bench_sweep
+from atdiff_jax.bench.sample import bench_sample
+from atdiff_jax.bench.sweep import bench_sweep
 from atdiff_jax.samplers import SAMPLERS
-from atdiff_jax.benchmarks.train import (DEFAULT_VARIANTS, Variant, bench_train, parse_variants,
+from atdiff_jax.bench.train import (DEFAULT_VARIANTS, Variant, bench_train, parse_variants,
                                          variant_config)
 
 __all__ = [

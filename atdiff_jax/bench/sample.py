@@ -6,13 +6,13 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from atdiff_jax import config as config_lib, parallel, samplers, sampling
-from atdiff_jax.benchmarks import common
-from atdiff_jax.models import create_model
+from atdiff_jax import config as config_lib, parallel, samplers
+from atdiff_jax.samplers import from_config
+from atdiff_jax.bench import common
+from atdiff_jax.models import create_model, init_params
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.train_step import num_params
 
@@ -21,12 +21,9 @@ DEFAULT_SAMPLERS = ('ancestral', 'ddim', 'dpm_solver++')
 
 def random_params(config: ml_collections.ConfigDict, model, mesh: Mesh):
   """Freshly initialised params (the shape of the EMA params), replicated over the mesh."""
-  s, c = config.data.image_size, config.data.channels
-  y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
 
   def init(rng):
-    return model.init({'params': rng}, jnp.zeros((1, s, s, c)), jnp.zeros((1,)), y,
-                      train=False)['params']
+    return init_params(model, config, rng)
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
 
@@ -62,7 +59,7 @@ def bench_sample(config: ml_collections.ConfigDict,
   for name in sampler_names:
     if log:
       log(f'sample: compiling {name}')
-    generate = sampling.make_generate_fn(config, mesh, batch, name, nfe, model)
+    generate = from_config.make_generate_fn(config, mesh, batch, name, nfe, model)
     # Jitting the wrapper gives one executable whose compile time can be read off.
     compiled, compile_s = common.time_compile(jax.jit(generate), params, rng)
     call = functools.partial(compiled, params, rng)  # same work for any key

@@ -18,14 +18,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from atdiff_jax import config as config_lib, parallel
-from atdiff_jax.benchmarks import common
-from atdiff_jax.methods import get_objective
+from atdiff_jax.bench import common
+from atdiff_jax.config import updates_per_minibatch
 from atdiff_jax.models import create_model
-from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.replay import resolve_loop
-from atdiff_jax.train_step import (create_train_state, make_train_step, num_params,
-                                   updates_per_minibatch)
+from atdiff_jax.train_step import (TrainParts, create_train_state, make_train_step,
+                                   num_params)
 
 # Metrics that get a ratio to the `none` variant.
 RATIO_METRICS = ('s_per_call', 's_per_update', 'images_per_s', 'updates_per_s')
@@ -118,8 +117,8 @@ def variant_config(config: ml_collections.ConfigDict,
 def synthetic_batch(config: ml_collections.ConfigDict, mesh: Mesh, seed: int = 0) -> dict:
   """A global batch of the config's shape, sharded over the mesh like the data stream's."""
   rng = np.random.default_rng(seed)
-  b, s, c = config.training.batch_size, config.data.image_size, config.data.channels
-  images = rng.uniform(-1.0, 1.0, (b, s, s, c)).astype(np.float32)
+  b = config.training.batch_size
+  images = rng.uniform(-1.0, 1.0, (b, *config_lib.image_shape(config))).astype(np.float32)
   labels = rng.integers(0, max(1, config.model.num_classes), (b,)).astype(np.int32)
   sharding = parallel.batch_sharding(mesh)
   return {'image': jax.device_put(images, sharding), 'label': jax.device_put(labels, sharding)}
@@ -176,16 +175,16 @@ def bench_train(config: ml_collections.ConfigDict,
     config_lib.validate_training(c, mesh.size)
 
   given_model = model
-  model = create_model(config) if model is None else model
-  tx = make_optimizer(config.training)
+  parts = TrainParts.build(config, model)
+  model, tx = parts.model, parts.tx
   # One initial state for all variants, kept on the host so that it adds nothing to the
   # device memory that is measured.
-  state = create_train_state(config, mesh, model, tx)
+  state = create_train_state(config, mesh, parts)
   host_state = jax.device_get(state)
   del state
   batch = synthetic_batch(config, mesh, config.seed)
   # A distillation teacher of the student's shape (its initial weights: same speed as any).
-  frozen = jax.device_put(get_objective(config, model).init_frozen(host_state.params),
+  frozen = jax.device_put(parts.objective.init_frozen(host_state.params),
                           parallel.replicated(mesh))
 
   rows, starts = [], []
@@ -196,7 +195,7 @@ def bench_train(config: ml_collections.ConfigDict,
     # object differs; a model given by the caller is used as it is.
     variant_model = model if given_model is not None or variant.remat is None else (
         create_model(c))
-    step = make_train_step(c, mesh, variant_model, tx)
+    step = make_train_step(c, mesh, TrainParts.build(c, variant_model, tx))
     compiled, compile_s = common.time_compile(
         step, jax.device_put(host_state, parallel.replicated(mesh)), batch, frozen)
     start = _starter(compiled, host_state, batch, frozen, mesh)

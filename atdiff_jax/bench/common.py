@@ -12,6 +12,8 @@ import flax
 import jax
 import ml_collections
 
+from atdiff_jax import config as config_lib
+
 
 def round_to_devices(n: int, num_devices: int) -> int:
   """`n` rounded up to a multiple of `num_devices` (at least one per device)."""
@@ -152,6 +154,6 @@ def environment(config: ml_collections.ConfigDict, config_name: str = '') -> dic
       'config': config_name,
       'batch_size': batch,
       'per_device_batch': batch / len(devices),
-      'image_shape': [config.data.image_size, config.data.image_size, config.data.channels],
+      'image_shape': list(config_lib.image_shape(config)),
       'model_dtype': str(config.model.dtype),
   }

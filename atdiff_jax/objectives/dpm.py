@@ -1,6 +1,6 @@
 """The DPM objective: ADM's hybrid loss on a (possibly perturbed) noisy input.
 
-`DPMObjective` is what the train step runs (see methods/base.py).
+`DPMObjective` is what the train step runs (see objectives/base.py).
 
 `make_loss_fn` returns a pure `loss_fn(params, batch, delta, rng) -> (loss, aux)`:
 - the noisy input is built from the batch's fixed draw (x0, t, eps), with DDPM-IP's
@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from atdiff_jax.diffusion import (GaussianDiffusion, get_beta_schedule, hybrid_loss,
+from atdiff_jax.config import image_shape, perturbed_t_range
+from atdiff_jax.diffusion import (GaussianDiffusion, diffusion_of, hybrid_loss,
                                   make_timestep_sampler)
-from atdiff_jax.methods.base import Objective
+from atdiff_jax.objectives.base import Objective
 from atdiff_jax.models import make_apply_fn
-from atdiff_jax.replay import AXIS
+from atdiff_jax.parallel import AXIS
 
 ApplyFn = Callable[..., jax.Array]
 
@@ -66,23 +67,6 @@ def make_loss_fn(apply_fn: ApplyFn, diffusion: GaussianDiffusion, *, learn_sigma
   return loss_fn
 
 
-def make_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
-  """The run's discrete diffusion process (config.diffusion)."""
-  d = config.diffusion
-  return GaussianDiffusion.create(get_beta_schedule(d.schedule, d.num_timesteps))
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of one training image."""
-  return (config.data.image_size, config.data.image_size, config.data.channels)
-
-
-def resolved_t_range(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """config.adv.t_range with t_max = -1 replaced by the last timestep."""
-  t_min, t_max = config.adv.t_range
-  return int(t_min), int(config.diffusion.num_timesteps - 1 if t_max == -1 else t_max)
-
-
 class DPMObjective(Objective):
   """ADM's objective: t from the timestep sampler, hybrid loss on x_t (+ delta).
 
@@ -91,14 +75,16 @@ class DPMObjective(Objective):
   whole global batch in global order (as the reference).
   """
 
+  num_draw_keys = 3  # t, eps, IP's xi
+
   def __init__(self, config: ml_collections.ConfigDict, model):
-    self.diffusion = make_diffusion(config)
-    self.sampler = make_timestep_sampler(config.training.timestep_sampler,
+    self.diffusion = diffusion_of(config)
+    self.timestep_sampler = make_timestep_sampler(config.training.timestep_sampler,
                                          config.diffusion.num_timesteps)
     self.shape = image_shape(config)
     self.ip_gamma = float(config.input_perturbation.gamma)
     self.class_cond = bool(config.model.num_classes)
-    self.t_range = resolved_t_range(config)
+    self.perturbed_t_range = perturbed_t_range(config)
     self._loss_fn = make_loss_fn(
         make_apply_fn(model), self.diffusion, learn_sigma=config.model.learn_sigma,
         rescale_vb=config.diffusion.rescale_vb, target=config.adv.target,
@@ -106,12 +92,12 @@ class DPMObjective(Objective):
 
   def init_state(self, params):
     del params
-    return self.sampler.init()
+    return self.timestep_sampler.init()
 
   def draw(self, objective_state, frozen, images, labels, keys, opt_step):
     del frozen, opt_step
     t_keys, noise_keys, xi_keys = keys[:, 0], keys[:, 1], keys[:, 2]
-    t, weights = jax.vmap(lambda k: self.sampler.sample(objective_state, k, 1))(t_keys)
+    t, weights = jax.vmap(lambda k: self.timestep_sampler.sample(objective_state, k, 1))(t_keys)
     normal = jax.vmap(lambda k: jax.random.normal(k, self.shape, images.dtype))
     batch = {'x0': images, 't': t[:, 0], 'weights': weights[:, 0], 'noise': normal(noise_keys)}
     if self.ip_gamma:
@@ -123,17 +109,13 @@ class DPMObjective(Objective):
   def loss_fn(self, params, batch, delta, rng):
     return self._loss_fn(params, batch, delta, rng)
 
-  def perturb_mask(self, batch):
-    t_min, t_max = self.t_range
-    return ((batch['t'] >= t_min) & (batch['t'] <= t_max)).astype(batch['x0'].dtype)
-
   def input_sigma(self, batch):
     return self.diffusion.sigma(batch['t'], ndim=1)
 
   def after_update(self, objective_state, params, batch, aux):
     del params
-    if not self.sampler.is_adaptive:
+    if not self.timestep_sampler.is_adaptive:
       return objective_state
     all_t = lax.all_gather(batch['t'], AXIS, tiled=True)
     all_losses = lax.all_gather(lax.stop_gradient(aux['losses']), AXIS, tiled=True)
-    return self.sampler.update(objective_state, all_t, all_losses)
+    return self.timestep_sampler.update(objective_state, all_t, all_losses)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from atdiff_jax.writing import markdown_table
+
 _PEAK_LABELS = {'device_peak': 'device peak', 'host_peak_rss': 'process peak RSS'}
 
 
@@ -50,10 +52,8 @@ def format_header(env: dict[str, Any], num_params: int | None = None,
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-  """Markdown table lines: the first column left-aligned, the numbers right-aligned."""
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '| ' + ' | '.join(['---'] + ['---:'] * (len(header) - 1)) + ' |']
-  return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
+  """The first column left-aligned, the numbers right-aligned."""
+  return markdown_table(header, rows, numbers_right=True)
 
 
 def _memory_cells(row: dict) -> list[str]:
@@ -139,16 +139,14 @@ def format_fid_table(result: dict[str, Any]) -> str:
 def format_sweep_table(result: dict[str, Any]) -> str:
   """Seconds per run, programs built per run against once a process."""
   per_run, once = result['per_run_s'], result['once_s']
-  header = ['programs', 'first run (s)', 'each later run (s)', 'all runs (s)']
-  later = lambda times: sum(times[1:]) / max(len(times) - 1, 1)
-  body = [['per run (before)', f'{per_run[0]:.1f}', f'{later(per_run):.1f}',
-           f'{sum(per_run):.1f}'],
-          ['once a process (now)', f'{once[0]:.1f}', f'{later(once):.1f}',
-           f'{sum(once):.1f}']]
-  speedup = sum(per_run) / max(sum(once), 1e-9)
-  later_speedup = later(per_run) / max(later(once), 1e-9)
+  header = ['run', 'programs built afresh (before, s)', 'programs reused (now, s)', 'speed-up']
+  body = [[str(i + 1) + (' (first: compiles)' if i == 0 else ''), f'{a:.1f}', f'{b:.1f}',
+           f'{a / max(b, 1e-9):.2f}x'] for i, (a, b) in enumerate(zip(per_run, once))]
+  # An experiment pays the first run's fresh time once, then every run's reused time.
+  before = sum(per_run)
+  now = per_run[0] + sum(once[1:])
   return '\n'.join(_table(header, body) + [
-      '', f'Scoring {result["num_runs"]} checkpoints of one network, {len(result["cells"])} '
-      f'cells of {result["num_samples"]} samples each ({", ".join(result["cells"])}), '
-      f'persistent XLA cache on for both: {speedup:.2f}x faster in all, {later_speedup:.2f}x '
-      'for each run after the first.'])
+      '', f'Scoring one network\'s checkpoints, {len(result["cells"])} cells of '
+      f'{result["num_samples"]} samples each ({", ".join(result["cells"])}), persistent XLA '
+      f'cache on (as the experiment has it). Each run is scored both ways back to back. '
+      f'{len(per_run)} runs: {before:.1f} s before, {now:.1f} s now ({before / now:.2f}x).'])

@@ -31,12 +31,15 @@ Batch = dict[str, Any]
 
 
 class Objective(abc.ABC):
-  """A training objective; subclasses are built by `methods.get_objective(config, model)`."""
+  """A training objective; subclasses are built by `objectives.get_objective(config, model)`."""
 
   # Where a run's starting weights come from when config.init_from (or the teacher) gives
   # them: 'params' (the source run's training params, as the paper's AT fine-tuning) or
   # 'ema' (its first EMA tree, the weights a distillation student starts from).
   init_params_from: str = 'params'
+  # Keys each example's draw takes (`draw`'s `keys`); the step splits one more for delta's
+  # start after them, so the count fixes every number a run draws. Set by each objective.
+  num_draw_keys: int
 
   def init_state(self, params: Any) -> Any:
     """The objective's slot of the train state for initial `params`; () when stateless."""
@@ -67,7 +70,7 @@ class Objective(abc.ABC):
   def draw(self, objective_state: Any, frozen: Any, images: jax.Array, labels: jax.Array,
            keys: jax.Array, opt_step: jax.Array) -> Batch:
     """This device's minibatch for `loss_fn`: images (B, H, W, C) in [-1, 1], labels (B,),
-    keys (B, train_step.DRAW_KEYS) of each example's own, and the number of optimizer
+    keys (B, num_draw_keys) of each example's own, and the number of optimizer
     updates made so far."""
 
   @abc.abstractmethod
@@ -75,9 +78,14 @@ class Objective(abc.ABC):
               rng: jax.Array) -> tuple[jax.Array, dict]:
     """The pure loss of one pass; rng drives dropout."""
 
+  # config.adv.t_range resolved (config.perturbed_t_range); set by each objective.
+  perturbed_t_range: tuple[int, int]
+
   def perturb_mask(self, batch: Batch) -> jax.Array:
-    """(B,) float: 1 where AT may perturb the example's input (default: everywhere)."""
-    return jax.numpy.ones((batch['x0'].shape[0],), batch['x0'].dtype)
+    """(B,) float: 1 where AT may perturb the example's input, the examples whose time
+    batch['t'] lies in `perturbed_t_range`."""
+    t_min, t_max = self.perturbed_t_range
+    return ((batch['t'] >= t_min) & (batch['t'] <= t_max)).astype(batch['x0'].dtype)
 
   @abc.abstractmethod
   def input_sigma(self, batch: Batch) -> jax.Array:
