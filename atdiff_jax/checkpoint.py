@@ -155,10 +155,9 @@ def find_checkpoint(path: str) -> str:
     raise CheckpointError(f'checkpoint path {path} does not exist')
   candidates = [os.path.join(path, CHECKPOINT_DIR), path]
   for directory in candidates:
-    if os.path.isdir(directory):
-      steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-      if steps:
-        return os.path.join(directory, str(max(steps)))
+    steps = _step_folders(directory)
+    if steps:
+      return os.path.join(directory, str(steps[-1]))
   if os.path.isdir(path) and os.path.basename(path).isdigit():
     return path
   raise CheckpointError(f'no checkpoint found under {path} (expected {CHECKPOINT_DIR}/<step>/)')
@@ -230,13 +229,45 @@ def check_same_network(config: ml_collections.ConfigDict, source: str, field: st
   """Raises ConfigError when the run `source` (given as config.<field>) has another network
   or noise process than `config` (dropout may differ), naming the first differing field."""
   theirs = load_config(source)
-  differ = config_lib.network_differences(config, theirs, ignore=('dropout',))
+  _raise_differences(config, theirs, config_lib.network_differences(
+      config, theirs, ignore=('dropout',)), f'config.{field}={source!r}', why)
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError, reading only, when `workdir` holds checkpoints of a run whose
+  config.json differs from `config` in a field a resumed run may not change
+  (config.resume_differences), naming the first one."""
+  if not (has_checkpoints(workdir) and os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
+    return  # nothing to resume: the run starts afresh and writes its config.json
+  theirs = load_config(workdir)
+  _raise_differences(config, theirs, config_lib.resume_differences(config, theirs),
+                     f'in --workdir={workdir!r}',
+                     'resuming would continue its checkpoints as another run: give a new run '
+                     'another --workdir')
+
+
+def _raise_differences(config: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict,
+                       differ: list[str], run: str, why: str) -> None:
+  """One line for the first of `differ`, the fields in which `config` and the run `run`
+  (with config `theirs`) disagree."""
   if differ:
     first = differ[0]
     raise config_lib.ConfigError(
-        f'config.{first}={config_lib.field_value(config, first)!r}: the run '
-        f'config.{field}={source!r} has {first}={config_lib.field_value(theirs, first)!r}; '
-        f'{why} (differing: {", ".join(differ)})')
+        f'config.{first}={config_lib.field_value(config, first)!r}: the run {run} has '
+        f'{first}={config_lib.field_value(theirs, first)!r}; {why} '
+        f'(differing: {", ".join(differ)})')
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint step folder of its own (a run to resume)."""
+  return bool(_step_folders(os.path.join(workdir, CHECKPOINT_DIR)))
+
+
+def _step_folders(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in a checkpoints/ folder, ascending."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -194,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   config_lib.validate_training(config, jax.device_count(), jax.process_count())
   # The eval block's sampler options too: a typo there must not cost a training run.
   sampler_options.check_config_options(config.eval)
+  checkpoint.check_resume(config, workdir)  # a resume as another run stops here
   source = data.create_source(config.data)  # bad data stops here, before any compile
   config_lib.validate_source(config, source)
   is_main = jax.process_index() == 0

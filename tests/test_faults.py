@@ -5,6 +5,7 @@ The kill loop and the SIGTERM test run the real command in subprocesses (one CPU
 one-level U-Net, a compilation cache shared by the runs). They are marked `faults`:
 `pytest -m faults -s` runs them alone and prints the steps lost per kill.
 """
+import copy
 import os
 import random
 import re
@@ -16,10 +17,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from atdiff_jax import checkpoint, data, main, train
+from atdiff_jax import checkpoint, config as config_lib, data, main, train
 from atdiff_jax.models import create_model
 from atdiff_jax.train_state import make_optimizer
 from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
@@ -213,12 +215,23 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_newest_intact_one(
 def test_a_checkpoint_of_another_model_is_an_error_and_nothing_moves(loop_config, tmp_path):
   loop_config.training.num_steps = 2
   train.train(loop_config, str(tmp_path))
-  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  before = _files(tmp_path)
   loop_config.model.ch = 64
+  # The run's config.json names the field before anything is read or compiled.
+  with pytest.raises(config_lib.ConfigError, match=r'config\.model\.ch=64: the run in '
+                     r'--workdir=.* has model\.ch=32'):
+    train.train(loop_config, str(tmp_path))
+  assert _files(tmp_path) == before
+  # Without it, the checkpoint itself does not restore, and nothing moves either.
+  os.remove(tmp_path / 'config.json')
   with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint step 2'):
     train.train(loop_config, str(tmp_path))
-  assert sorted(str(p) for p in tmp_path.rglob('*')
-                if 'config.json' not in str(p)) == [p for p in before if 'config.json' not in p]
+  assert _files(tmp_path) == {k: v for k, v in before.items() if k != 'config.json'}
+
+
+def _files(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob('*') if p.is_file()}
 
 
 # ------------------------------------------------------------------ non-finite updates
@@ -295,6 +308,98 @@ def test_the_host_guard_counts_and_stops_only_with_a_limit():
   with pytest.raises(train.NonFiniteError, match='stopped at minibatch 4: 3 minibatches in a '
                      r'row.*the last checkpoint is step 2'):
     guard.observe(skipped[2:], 2, 2)  # the streak carries over from the last interval
+
+
+# ------------------------------------------------------------------ the loop on the toy model
+
+
+@pytest.fixture
+def toy_model(monkeypatch):
+  """train() with the toy denoiser: the loop compiles in seconds (the guards and saves are
+  the loop's, not the model's)."""
+  monkeypatch.setattr(train, 'create_model', lambda config: ToyDenoiser())
+
+
+def _steps(workdir):
+  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
+@pytest.fixture(scope='module')
+def toy_run(tmp_path_factory):
+  """(the workdir of a finished toy run with checkpoints 2 and 4, its config)."""
+  config = tiny_config()
+  config.training.checkpoint_every, config.training.keep_checkpoints = 2, 3
+  workdir = tmp_path_factory.mktemp('toy_run')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, 'create_model', lambda config: ToyDenoiser())
+    train.train(config, str(workdir))
+  return workdir, config
+
+
+# ------------------------------------------------------------------ resuming as another run
+
+
+RESUME_CHANGES = [
+    ('diffusion.schedule', 'linear',
+     r"config\.diffusion\.schedule='linear': the run in --workdir=.* has "
+     r"diffusion\.schedule='cosine'; resuming would continue its checkpoints as another run"),
+    ('diffusion.num_timesteps', 50,
+     r'config\.diffusion\.num_timesteps=50: the run in --workdir=.* has '
+     r'diffusion\.num_timesteps=100;'),
+    ('objective', 'ct', r"config\.objective='ct': the run in --workdir=.* has objective='dpm';"),
+]
+
+
+@pytest.mark.parametrize('field,value,message', RESUME_CHANGES, ids=[c[0] for c in RESUME_CHANGES])
+def test_resuming_as_another_run_is_refused_and_nothing_changes(toy_run, tmp_path, field, value,
+                                                                 message):
+  source, config = toy_run
+  run = tmp_path / 'run'
+  shutil.copytree(source, run)
+  before = _files(run)
+  config = copy.deepcopy(config)
+  block, _, name = field.rpartition('.')
+  (config[block] if block else config)[name] = value
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      train.train(config, str(run))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  assert _files(run) == before  # config.json and the checkpoints as they were
+
+
+def test_resuming_with_another_lr_and_length_goes_on(toy_model, toy_run, tmp_path, caplog):
+  source, config = toy_run
+  run = tmp_path / 'run'
+  shutil.copytree(source, run)
+  config = copy.deepcopy(config)
+  config.training.lr, config.training.num_steps = 5e-4, 6
+  with caplog.at_level('INFO'):
+    state = train.train(config, str(run))
+  assert 'Resuming from' in caplog.text and 'starting at minibatch 4' in caplog.text
+  assert int(state.step) == 6 and _steps(run) == ['2', '4', '6']
+  assert checkpoint.load_config(str(run)).training.lr == 5e-4  # config.json says so now
+
+
+def test_every_resumable_field_may_change(config):
+  """The fields RESUMABLE_FIELDS lets through, and only those, differ from config.json."""
+  stored = copy.deepcopy(config)
+  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  for field in config_lib.field_paths(config):
+    if any(field == p or field.startswith(p + '.') for p in config_lib.RESUMABLE_FIELDS):
+      block, _, name = field.rpartition('.')
+      node = config
+      for part in block.split('.') if block else []:
+        node = node[part]
+      node[name] = 'changed'
+  assert config_lib.resume_differences(config, stored) == []
+  config.training.batch_size = 32
+  config.model.dropout = 0.1
+  assert config_lib.resume_differences(config, stored) == ['model.dropout', 'training.batch_size']
 
 
 # ------------------------------------------------------------------ bad input, one line each
