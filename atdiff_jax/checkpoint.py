@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -29,6 +30,9 @@ CONFIG_FILE = 'config.json'
 _ITEM = 'default'  # where CheckpointManager puts a step's single unnamed item
 # Train-state fields renamed since checkpoints were first written: new name -> old name.
 _RENAMED_FIELDS = {'objective_state': 'sampler_state'}
+# Train-state fields added since: a checkpoint without one restores it as zeros, its value
+# at initialisation.
+_ADDED_FIELDS = ('guard',)
 
 
 class CheckpointError(RuntimeError):
@@ -62,17 +66,19 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     try:
-      renamed = self._renamed_fields(step, abstract_state)
-      if not renamed:
+      renamed, added = self._older_layout(step, abstract_state)
+      if not renamed and not added:
         return self._manager.restore(
             step, args=ocp.args.StandardRestore(_abstract(abstract_state)))
-      # An older layout: restore under the old field names, then rebuild the state.
+      # An older layout: restore its fields under their old names, then rebuild the state
+      # with the fields it lacks at their initial values.
       fields = {f.name: getattr(abstract_state, f.name)
-                for f in dataclasses.fields(abstract_state)}
+                for f in dataclasses.fields(abstract_state) if f.name not in added}
       target = {renamed.get(name, name): value for name, value in fields.items()}
       restored = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
-      return abstract_state.replace(**{name: restored[renamed.get(name, name)]
-                                       for name in fields})
+      return abstract_state.replace(
+          **{name: restored[renamed.get(name, name)] for name in fields},
+          **{name: _zeros(getattr(abstract_state, name)) for name in added})
     except Exception as e:  # Orbax raises many types; name the checkpoint either way.
       raise CheckpointError(
           f'cannot restore checkpoint step {step} from {self.directory}: {e}. '
@@ -123,13 +129,18 @@ class Checkpointer:
     self._manager.reload()
     return target
 
-  def _renamed_fields(self, step: int, abstract_state: Any) -> dict[str, str]:
-    """{new: old} for the state fields that checkpoint `step` stores under an old name."""
+  def _older_layout(self, step: int,
+                    abstract_state: Any) -> tuple[dict[str, str], tuple[str, ...]]:
+    """({new: old} for the state fields that checkpoint `step` stores under an old name,
+    the added fields it does not have)."""
     if not dataclasses.is_dataclass(abstract_state):
-      return {}
+      return {}, ()
     on_disk = _tree_metadata(os.path.join(self.directory, str(step), _ITEM))
-    return {new: old for new, old in _RENAMED_FIELDS.items()
-            if hasattr(abstract_state, new) and new not in on_disk and old in on_disk}
+    renamed = {new: old for new, old in _RENAMED_FIELDS.items()
+               if hasattr(abstract_state, new) and new not in on_disk and old in on_disk}
+    added = tuple(name for name in _ADDED_FIELDS
+                  if hasattr(abstract_state, name) and name not in on_disk)
+    return renamed, added
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -140,6 +151,12 @@ class Checkpointer:
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
+
+
+def _zeros(abstract_tree: Any) -> Any:
+  """Zeros of an abstract (or concrete) pytree, with its shardings."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype,
+                                          device=getattr(x, 'sharding', None)), abstract_tree)
 
 
 def _tree_metadata(item_dir: str) -> dict:

@@ -50,8 +50,8 @@ RESUMABLE_FIELDS = (
     'training.num_steps', 'training.log_every', 'training.checkpoint_every',
     'training.keep_checkpoints', 'training.sample_every', 'training.num_samples',
     'training.sample_steps', 'training.multi_host', 'training.stop_after_nonfinite',
-    'data.path', 'data.tfds_data_dir', 'data.verify_images', 'data.skip_unreadable',
-    'init_from', 'adv.replay_loop', 'eval', 'probe')
+    'training.max_update_ratio', 'data.path', 'data.tfds_data_dir', 'data.verify_images',
+    'data.skip_unreadable', 'init_from', 'adv.replay_loop', 'eval', 'probe')
 
 
 class ConfigError(ValueError):
@@ -369,6 +369,7 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
     _positive(config, f'training.{field}', integer=True)
   _positive(config, 'training.keep_checkpoints', integer=True)
   _positive(config, 'training.stop_after_nonfinite', allow_zero=True, integer=True)
+  _positive(config, 'training.max_update_ratio', allow_zero=True)
   _positive(config, 'training.sample_every', allow_zero=True, integer=True)
   _positive(config, 'training.num_samples', integer=True)
   _positive(config, 'training.sample_steps', integer=True)

@@ -23,7 +23,7 @@ import pytest
 
 from atdiff_jax import checkpoint, config as config_lib, data, main, train
 from atdiff_jax.models import create_model
-from atdiff_jax.train_state import make_optimizer
+from atdiff_jax.train_state import STOP_DIVERGED, STOP_NONFINITE, make_optimizer
 from atdiff_jax.train_step import (all_finite, create_train_state, make_init_fn, make_mesh,
                                    make_train_step)
 from conftest import ToyDenoiser, assert_trees_equal, tiny_config
@@ -281,14 +281,15 @@ def test_free_at_skips_only_its_non_finite_passes(loop_config):
 
 def test_a_diverging_run_stops_exit_3_and_never_writes_a_non_finite_checkpoint(tmp_path,
                                                                               capsys):
-  """lr 1e30: the first update sends the params to ~1e30 and every later loss overflows. With
-  stop_after_nonfinite=2 the command stops at minibatch 3 with exit code 3, naming the last
-  checkpoint; every checkpoint it wrote is finite."""
+  """lr 1e30 with the divergence guard off: the first update sends the params to ~1e30 and
+  every later loss overflows. With stop_after_nonfinite=2 the command stops at minibatch 3
+  with exit code 3, naming the last checkpoint; every checkpoint it wrote is finite."""
   args = [a for a in TINY if 'num_steps' not in a and 'checkpoint_every' not in a]
   code = main.cli(['atdiff_jax.main', f'--workdir={tmp_path}', *args,
                    '--config.training.num_steps=6', '--config.training.lr=1e30',
                    '--config.training.checkpoint_every=1', '--config.training.keep_checkpoints=9',
-                   '--config.training.stop_after_nonfinite=2'])
+                   '--config.training.stop_after_nonfinite=2',
+                   '--config.training.max_update_ratio=0'])
   assert code == 3
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('error: stopped at minibatch 3: 2 minibatches in a row had a '
@@ -300,14 +301,33 @@ def test_a_diverging_run_stops_exit_3_and_never_writes_a_non_finite_checkpoint(t
   assert int(saved[2].opt_step) == 1  # minibatch 2's update was skipped
 
 
-def test_the_host_guard_counts_and_stops_only_with_a_limit():
-  skipped = [{'nonfinite': n} for n in (0, 3, 1, 2, 0, 1)]
-  train._NonFiniteGuard(0).observe(skipped, 0, None)  # pylint: disable=protected-access
-  guard = train._NonFiniteGuard(3)  # pylint: disable=protected-access
-  guard.observe(skipped[:2], 0, 2)
-  with pytest.raises(train.NonFiniteError, match='stopped at minibatch 4: 3 minibatches in a '
-                     r'row.*the last checkpoint is step 2'):
-    guard.observe(skipped[2:], 2, 2)  # the streak carries over from the last interval
+@pytest.mark.parametrize('limit,stop_at', [(3, 7), (0, 0)])
+def test_the_step_counts_the_non_finite_streak_and_names_where_it_stops(loop_config, limit,
+                                                                        stop_at):
+  """The guard lives in the state: the host reading it only now still learns that the
+  third poisoned minibatch in a row (the 7th) stopped the run; limit 0 never stops."""
+  loop_config.training.stop_after_nonfinite = limit
+  step, state, clean, batch = _step_state_and_batch(loop_config)
+  poisoned = clean.at[1, 0, 0, 0].set(jnp.nan)
+  for images in (clean, poisoned, poisoned, clean, poisoned, poisoned, poisoned, poisoned):
+    state, _ = step(state, batch(images))
+  guard = jax.device_get(state.guard)
+  assert int(guard.nonfinite_streak) == 4
+  assert int(guard.stop_at) == stop_at
+  assert int(guard.stop_reason) == (STOP_NONFINITE if stop_at else 0)
+
+
+def test_an_update_far_larger_than_the_params_stops_the_run_in_the_step(loop_config):
+  """lr 1e30 stays finite for a while; the first update is 1e30 times the params."""
+  loop_config.training.lr = 1e30
+  step, state, clean, batch = _step_state_and_batch(loop_config)
+  state, _ = step(state, batch(clean))
+  assert bool(all_finite(state.params))  # finite: the non-finite guard sees nothing
+  for _ in range(2):
+    state, _ = step(state, batch(clean))
+  guard = jax.device_get(state.guard)
+  assert (int(guard.stop_at), int(guard.stop_reason)) == (1, STOP_DIVERGED)
+  assert not float(guard.update_ratio) <= 1e20
 
 
 # ------------------------------------------------------------------ the loop on the toy model
@@ -318,6 +338,18 @@ def toy_model(monkeypatch):
   """train() with the toy denoiser: the loop compiles in seconds (the guards and saves are
   the loop's, not the model's)."""
   monkeypatch.setattr(train, 'create_model', lambda config: ToyDenoiser())
+
+
+def _toy_state(workdir, step=None):
+  """A checkpoint of a toy run (default: the latest), on the host."""
+  config = checkpoint.load_config(str(workdir))
+  abstract = jax.eval_shape(make_init_fn(config, ToyDenoiser(), make_optimizer(config.training)),
+                            jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=100, async_save=False)
+  try:
+    return jax.device_get(ckpt.restore(abstract, step))
+  finally:
+    ckpt.close()
 
 
 def _steps(workdir):
@@ -402,6 +434,38 @@ def test_every_resumable_field_may_change(config):
   assert config_lib.resume_differences(config, stored) == ['model.dropout', 'training.batch_size']
 
 
+# ------------------------------------------------------------------ divergence
+
+
+def test_a_diverging_resume_stops_at_the_minibatch_it_names_and_keeps_the_last_good_one(
+    toy_model, tmp_path, capsys):
+  """Four good minibatches, then lr 1e30: minibatch 5's update is 1e30 times the params. The
+  host reads the guard only at minibatch 6's checkpoint (log_every 100), yet the line names
+  5, exit code 3; nothing after checkpoint 4 is written, and checkpoint 4 restores finite.
+  A resume with a sane lr goes on from 4, which leaves the rotation only then."""
+  args = [a for a in TINY if a.split('=')[0] not in (
+      '--config.training.num_steps', '--config.training.checkpoint_every',
+      '--config.training.log_every')] + ['--config.training.checkpoint_every=2',
+                                         '--config.training.log_every=100']
+  command = ['atdiff_jax.main', f'--workdir={tmp_path}', *args]
+  assert main.cli(command + ['--config.training.num_steps=4']) == 0
+  good = _toy_state(tmp_path, 4)
+  capsys.readouterr()
+  code = main.cli(command + ['--config.training.num_steps=12', '--config.training.lr=1e30'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 3, err
+  assert re.match(r'error: stopped at minibatch 5: the run diverged: the norm of its update over '
+                  r'the norm of the params was \S+ \(training\.max_update_ratio=1\.0\)\. '
+                  r'Nothing after minibatch 4 was saved; the last good checkpoint is step 4, '
+                  r'kept as it was\.', err[-1]), err[-1]
+  assert _steps(tmp_path) == ['2', '4']
+  kept = _toy_state(tmp_path, 4)
+  assert bool(all_finite(kept))
+  assert_trees_equal(kept, good)
+  assert main.cli(command + ['--config.training.num_steps=8']) == 0
+  assert _steps(tmp_path) == ['6', '8']  # keep_checkpoints=2
+
+
 # ------------------------------------------------------------------ bad input, one line each
 
 
@@ -448,6 +512,8 @@ BAD_INPUTS = [
      r'config\.training\.timestep_sampler='),
     ('nonfinite limit', ['--config.training.stop_after_nonfinite=-1'],
      r'config\.training\.stop_after_nonfinite=-1'),
+    ('update ratio', ['--config.training.max_update_ratio=-1'],
+     r'config\.training\.max_update_ratio=-1\.0: must be >= 0'),
     ('objective', ['--config.objective=gan'], r'config\.objective=.gan.'),
     ('cd without teacher', ['--config.objective=cd'], r'config\.teacher'),
     ('cd teacher missing', ['--config.objective=cd', '--config.teacher={tmp}/nowhere'],
