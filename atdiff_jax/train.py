@@ -243,6 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         state, metrics = train_step(state, next(stream), frozen)
         buffered.append(metrics)
         step += 1
+        ckpt.check()  # a failed save stops the run now, not at the next save
         if step % training.log_every == 0 or step == training.num_steps:
           values, stacked = _fetch_mean(buffered)
           values |= progress.tick(step)
@@ -266,6 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         if step % training.checkpoint_every == 0 or preempted:
           save_checkpoint(ckpt, step, state, training)
         if preempted:
+          ckpt.wait()
           log.warning('Stopped at minibatch %d; run the same command to resume.', step)
           return state
         if training.sample_every and step % training.sample_every == 0:
@@ -273,6 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
           _write_samples(grid_sampler, state, config, workdir, step, is_main)
     if ckpt.latest_step() != step:
       save_checkpoint(ckpt, step, state, training)
+    ckpt.wait()  # the last save's failure is this run's
     return state
   finally:
     ckpt.close()

@@ -6,6 +6,7 @@ one-level U-Net, a compilation cache shared by the runs). They are marked `fault
 `pytest -m faults -s` runs them alone and prints the steps lost per kill.
 """
 import copy
+import errno
 import os
 import random
 import re
@@ -466,6 +467,91 @@ def test_a_diverging_resume_stops_at_the_minibatch_it_names_and_keeps_the_last_g
   assert _steps(tmp_path) == ['6', '8']  # keep_checkpoints=2
 
 
+# ------------------------------------------------------------------ failed saves
+
+
+def _fail_commit(monkeypatch, step, error):
+  """Makes Orbax's background commit of checkpoint `step` raise `error`: its last write,
+  commit_success.txt in the step's temporary folder, made in its save thread once the
+  arrays are written (so that no write of it is still landing when the test goes on)."""
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  write_text = async_path.write_text
+
+  async def failing(path, text):
+    if str(path).endswith(f'{os.sep}{step}{checkpoint.PARTIAL_MARK}{os.sep}commit_success.txt'):
+      raise error
+    return await write_text(path, text)
+
+  monkeypatch.setattr(async_path, 'write_text', failing)
+
+
+def _fail_start(monkeypatch, step, error):
+  """Makes the start of the save of `step` raise `error`, before anything is written."""
+  save = checkpoint.ocp.CheckpointManager.save
+
+  def failing(self, at_step, *args, **kwargs):
+    if at_step == step:
+      raise error
+    return save(self, at_step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'save', failing)
+
+
+_ENOSPC = lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+FAILED_SAVES = [
+    ('disk full in the background', _fail_commit, _ENOSPC,
+     r'no space left on device: it needs about [\d,]+ bytes \(the size of step 2\) and '
+     r'[\d,]+ bytes are free; the last good checkpoint, step 2, is kept\. Free some space and '
+     r'run the same command to resume$'),
+    ('disk full at the start', _fail_start, _ENOSPC,
+     r'no space left on device: it needs about [\d,]+ bytes \(the size of step 2\)'),
+    ('another error in the background', _fail_commit, lambda: RuntimeError('lost the bucket'),
+     r'RuntimeError: lost the bucket; the last good checkpoint, step 2, is kept$'),
+]
+
+
+@pytest.mark.parametrize('name,fail,error,message', FAILED_SAVES, ids=[c[0] for c in FAILED_SAVES])
+def test_a_failed_save_stops_the_run_keeps_the_last_good_one_and_resumes(
+    toy_model, tmp_path, monkeypatch, capsys, name, fail, error, message):
+  """Checkpoint 4 fails (keep_checkpoints=1, so a rotation on failure would delete step 2):
+  one line naming the path, exit code 3, step 2 intact; the same command then removes the
+  partial folder and finishes from step 2."""
+  del name
+  args = [a for a in TINY if a.split('=')[0] not in (
+      '--config.training.num_steps', '--config.training.checkpoint_every',
+      '--config.training.keep_checkpoints')]
+  command = ['atdiff_jax.main', f'--workdir={tmp_path}', *args, '--config.training.num_steps=8',
+             '--config.training.checkpoint_every=2', '--config.training.keep_checkpoints=1']
+  with monkeypatch.context() as patch:
+    fail(patch, 4, error())
+    code = main.cli(command)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 3, err
+  assert err[-1].startswith(f'error: cannot write checkpoint step 4 to '
+                            f'{tmp_path / "checkpoints" / "4"}: '), err[-1]
+  assert re.search(message, err[-1]), err[-1]
+  assert not any('Traceback' in line for line in err), err
+  assert [s for s in _steps(tmp_path) if checkpoint.PARTIAL_MARK not in s] == ['2']
+  assert bool(all_finite(_toy_state(tmp_path, 2)))
+  assert main.cli(command) == 0
+  assert _steps(tmp_path) == ['8']
+
+
+def test_partial_saves_are_removed_at_start_and_finished_ones_never(tmp_path):
+  """What kill -9 or a full disk leaves of a save in flight goes; checkpoints stay."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ckpt.save(2, {'x': jnp.arange(4.0)})
+  ckpt.close()
+  folder = tmp_path / 'checkpoints'
+  for partial in ('4.orbax-checkpoint-tmp', '6.orbax-checkpoint-tmp-1733480000'):
+    (folder / partial / 'default').mkdir(parents=True)
+    (folder / partial / 'default' / 'part').write_bytes(b'half')
+  finished = _files(folder / '2')
+  checkpoint.Checkpointer(str(tmp_path), keep=3).close()
+  assert sorted(os.listdir(folder)) == ['2']
+  assert _files(folder / '2') == finished
+
+
 # ------------------------------------------------------------------ bad input, one line each
 
 
@@ -542,6 +628,8 @@ BAD_INPUTS = [
     ('no config file', ['--config={tmp}/nope.py'], r'--config=.*nope\.py: no such file'),
     ('override without config', ['--config=', '--config.training.lr=1'], r'--config'),
     ('workdir under a file', None, r'--workdir=.*a_file/run.*: cannot be a folder here'),
+    ('checkpoints a file', ['--workdir={tmp}/file_run'],
+     r'file_run/checkpoints is not a folder; the run keeps its checkpoints there'),
 ]
 
 
@@ -556,6 +644,8 @@ def bad_files(tmp_path_factory):
     Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp / 'images' / f'ok{i}.png')
   (tmp / 'images' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
   (tmp / 'a_file').write_text('not a folder')
+  (tmp / 'file_run').mkdir()
+  (tmp / 'file_run' / 'checkpoints').write_text('not a folder')
   wide = tiny_config()
   wide.model.ch = 128
   (tmp / 'wide_run').mkdir()
@@ -576,6 +666,8 @@ def test_bad_input_is_one_line_before_anything_compiles(name, args, message, bad
   else:
     workdir = str(tmp_path / 'run')
   args = [a.replace('{tmp}', tmp) for a in args]
+  workdir = next((a.split('=', 1)[1] for a in args if a.startswith('--workdir=')), workdir)
+  args = [a for a in args if not a.startswith('--workdir=')]
   if not any(a.startswith('--config=') for a in args):
     args = QUICK + args
   compiles = []
