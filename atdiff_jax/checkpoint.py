@@ -9,12 +9,18 @@ adds later ones; `init_from` and a distillation teacher are opened read-only.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
+import shutil
+import sys
+import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -27,13 +33,23 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_SUFFIX = '_unreadable'  # checkpoints that do not restore go to checkpoints_unreadable/
 CONFIG_FILE = 'config.json'
+# Orbax writes step N into N.orbax-checkpoint-tmp and renames it to N once complete: such a
+# folder at start is a save that never finished (kill -9, a full disk), never a checkpoint.
+PARTIAL_MARK = '.orbax-checkpoint-tmp'
 _ITEM = 'default'  # where CheckpointManager puts a step's single unnamed item
 # Train-state fields renamed since checkpoints were first written: new name -> old name.
 _RENAMED_FIELDS = {'objective_state': 'sampler_state'}
+# Train-state fields added since: a checkpoint without one restores it as zeros, its value
+# at initialisation.
+_ADDED_FIELDS = ('guard',)
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A save failed (a full disk, ...): the run stops and its last good checkpoint stays."""
 
 
 def _abstract(tree):
@@ -43,37 +59,122 @@ def _abstract(tree):
       tree)
 
 
+class _QuietFailedSaves(logging.Filter):
+  """Orbax logs a failed save with a traceback from each of its threads, and TensorStore's
+  late callbacks then find Orbax's event loop closed. Every such failure reaches the run as
+  one CheckpointWriteError line, so these duplicates are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info
+                and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+  @classmethod
+  def install(cls) -> None:
+    absl_logger = logging.getLogger('absl')  # the logger Orbax writes to
+    if any(isinstance(f, cls) for f in absl_logger.filters):
+      return
+    absl_logger.addFilter(cls())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not (isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == 'Event loop is closed'):
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
-  """The run's own checkpoints: save every N minibatches, keep the last K, resume."""
+  """The run's own checkpoints: save every N minibatches, keep the last K, resume.
+
+  Saves are asynchronous. A save that fails in the background is noticed by `check()`
+  (cheap: call it every step), and by the next `save`, `wait` or `close`, as one
+  CheckpointWriteError; Orbax deletes old checkpoints only after a newer one is complete,
+  so the last good one stays.
+  """
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f'{self.directory} is not a folder; the run keeps its checkpoints '
+                            'there: move it away, or give another --workdir')
+    self._remove_partial_saves()
+    _QuietFailedSaves.install()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._watcher: threading.Thread | None = None  # awaits the save in flight
+    self._failure: tuple[int, BaseException] | None = None  # (step, error) of a failed save
+    self._reported = False
+    self._state_bytes = 0
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts writing `state` as checkpoint `step`. Raises CheckpointWriteError when the
+    save before it failed, or this one cannot start."""
+    self.wait()  # Orbax waits for the save in flight anyway; its failure stops the run here
+    self._state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:  # Orbax and TensorStore raise many types; each stops the run
+      self._failure = (step, e)
+      self.check()
+    self._watcher = threading.Thread(target=self._await_save, args=(step,),
+                                     name=f'checkpoint {step}', daemon=True)
+    self._watcher.start()
+
+  def _await_save(self, step: int) -> None:
+    try:
+      self._manager.wait_until_finished()
+    except BaseException as e:  # pylint: disable=broad-except  # reported by check()
+      self._failure = (step, e)
+
+  def check(self) -> None:
+    """Raises CheckpointWriteError, once, if a save has failed. It reads a flag only: cheap
+    enough for every step."""
+    if self._failure is not None and not self._reported:
+      self._reported = True
+      raise CheckpointWriteError(self._failure_message(*self._failure)) from self._failure[1]
+
+  def _failure_message(self, step: int, error: BaseException) -> str:
+    path = os.path.join(self.directory, str(step))
+    # From disk: Orbax forgets the steps it will rotate out once this save is complete.
+    good = [s for s in saved_steps(self.directory) if s < step]
+    kept = (f'the last good checkpoint, step {good[-1]}, is kept' if good else
+            'no checkpoint was written before it')
+    code = _os_error_code(error)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+      needed = (f'about {_folder_bytes(os.path.join(self.directory, str(good[-1]))):,} bytes '
+                f'(the size of step {good[-1]})' if good else
+                f'about {self._state_bytes:,} bytes (the size of the train state)')
+      free = shutil.disk_usage(self.directory).free
+      return (f'cannot write checkpoint step {step} to {path}: {os.strerror(code).lower()}: it '
+              f'needs {needed} and {free:,} bytes are free; {kept}. Free some space and run '
+              'the same command to resume')
+    reason = ' '.join(str(error).split())[:300]
+    return (f'cannot write checkpoint step {step} to {path}: {type(error).__name__}: '
+            f'{reason}; {kept}')
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     try:
-      renamed = self._renamed_fields(step, abstract_state)
-      if not renamed:
+      renamed, added = self._older_layout(step, abstract_state)
+      if not renamed and not added:
         return self._manager.restore(
             step, args=ocp.args.StandardRestore(_abstract(abstract_state)))
-      # An older layout: restore under the old field names, then rebuild the state.
+      # An older layout: restore its fields under their old names, then rebuild the state
+      # with the fields it lacks at their initial values.
       fields = {f.name: getattr(abstract_state, f.name)
-                for f in dataclasses.fields(abstract_state)}
+                for f in dataclasses.fields(abstract_state) if f.name not in added}
       target = {renamed.get(name, name): value for name, value in fields.items()}
       restored = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
-      return abstract_state.replace(**{name: restored[renamed.get(name, name)]
-                                       for name in fields})
+      return abstract_state.replace(
+          **{name: restored[renamed.get(name, name)] for name in fields},
+          **{name: _zeros(getattr(abstract_state, name)) for name in added})
     except Exception as e:  # Orbax raises many types; name the checkpoint either way.
       raise CheckpointError(
           f'cannot restore checkpoint step {step} from {self.directory}: {e}. '
@@ -124,23 +225,81 @@ class Checkpointer:
     self._manager.reload()
     return target
 
-  def _renamed_fields(self, step: int, abstract_state: Any) -> dict[str, str]:
-    """{new: old} for the state fields that checkpoint `step` stores under an old name."""
+  def _older_layout(self, step: int,
+                    abstract_state: Any) -> tuple[dict[str, str], tuple[str, ...]]:
+    """({new: old} for the state fields that checkpoint `step` stores under an old name,
+    the added fields it does not have)."""
     if not dataclasses.is_dataclass(abstract_state):
-      return {}
+      return {}, ()
     on_disk = _tree_metadata(os.path.join(self.directory, str(step), _ITEM))
-    return {new: old for new, old in _RENAMED_FIELDS.items()
-            if hasattr(abstract_state, new) and new not in on_disk and old in on_disk}
+    renamed = {new: old for new, old in _RENAMED_FIELDS.items()
+               if hasattr(abstract_state, new) and new not in on_disk and old in on_disk}
+    added = tuple(name for name in _ADDED_FIELDS
+                  if hasattr(abstract_state, name) and name not in on_disk)
+    return renamed, added
+
+  def _remove_partial_saves(self) -> None:
+    """Deletes the folders of saves that never finished, left by a kill -9 or a full disk
+    (PARTIAL_MARK: a finished checkpoint's folder never has it)."""
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if PARTIAL_MARK in name:
+          path = os.path.join(self.directory, name)
+          try:
+            shutil.rmtree(path)
+            log.warning('Removed %s: a checkpoint save that never finished.', path)
+          except OSError as e:  # e.g. writes of a failed save still landing: Orbax skips it
+            log.warning('Cannot remove %s, a checkpoint save that never finished: %s', path, e)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('partial checkpoint saves removed')
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is written; raises CheckpointWriteError if it failed."""
+    if self._watcher is not None:
+      self._watcher.join()
+      self._watcher = None
+    self.check()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight, then closes; raises CheckpointWriteError if it failed
+    and nothing has said so yet."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if self._failure is None:
+          raise CheckpointWriteError(f'cannot close the checkpoints in {self.directory}: '
+                                     f'{type(e).__name__}: {e}') from e
+        # else: Orbax raising again the failure already reported
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
+
+
+def _zeros(abstract_tree: Any) -> Any:
+  """Zeros of an abstract (or concrete) pytree, with its shardings."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype,
+                                          device=getattr(x, 'sharding', None)), abstract_tree)
+
+
+def _os_error_code(error: BaseException | None) -> int | None:
+  """The errno of an OSError in `error`'s chain, or of the OS error a TensorStore message
+  names ("... [os_error_code='28']")."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno:
+      return error.errno
+    match = re.search(r"os_error_code='(\d+)'", str(error))
+    if match:
+      return int(match.group(1))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _folder_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
 
 
 def _tree_metadata(item_dir: str) -> dict:
@@ -230,13 +389,38 @@ def check_same_network(config: ml_collections.ConfigDict, source: str, field: st
   """Raises ConfigError when the run `source` (given as config.<field>) has another network
   or noise process than `config` (dropout may differ), naming the first differing field."""
   theirs = load_config(source)
-  differ = config_lib.network_differences(config, theirs, ignore=('dropout',))
+  _raise_differences(config, theirs, config_lib.network_differences(
+      config, theirs, ignore=('dropout',)), f'config.{field}={source!r}', why)
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError, reading only, when `workdir` holds checkpoints of a run whose
+  config.json differs from `config` in a field a resumed run may not change
+  (config.resume_differences), naming the first one."""
+  if not (has_checkpoints(workdir) and os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
+    return  # nothing to resume: the run starts afresh and writes its config.json
+  theirs = load_config(workdir)
+  _raise_differences(config, theirs, config_lib.resume_differences(config, theirs),
+                     f'in --workdir={workdir!r}',
+                     'resuming would continue its checkpoints as another run: give a new run '
+                     'another --workdir')
+
+
+def _raise_differences(config: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict,
+                       differ: list[str], run: str, why: str) -> None:
+  """One line for the first of `differ`, the fields in which `config` and the run `run`
+  (with config `theirs`) disagree."""
   if differ:
     first = differ[0]
     raise config_lib.ConfigError(
-        f'config.{first}={config_lib.field_value(config, first)!r}: the run '
-        f'config.{field}={source!r} has {first}={config_lib.field_value(theirs, first)!r}; '
-        f'{why} (differing: {", ".join(differ)})')
+        f'config.{first}={config_lib.field_value(config, first)!r}: the run {run} has '
+        f'{first}={config_lib.field_value(theirs, first)!r}; {why} '
+        f'(differing: {", ".join(differ)})')
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint step folder of its own (a run to resume)."""
+  return bool(saved_steps(os.path.join(workdir, CHECKPOINT_DIR)))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

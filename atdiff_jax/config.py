@@ -44,6 +44,20 @@ LATER_MODEL_FIELDS = {'num_heads_upsample': -1, 'timestep_scale': 1.0, 'remat': 
 # Model fields that change how the network computes, not what: checkpoints of configs that
 # differ only in them are interchangeable.
 COMPUTE_FIELDS = ('dtype', 'remat')
+# The fields (a block name covers all of its fields) that fix the network and its noise
+# process: another run's weights fit this one only where they agree.
+NETWORK_FIELDS = ('data.image_size', 'data.channels', 'model', 'diffusion.schedule',
+                  'diffusion.num_timesteps')
+# Fields a resumed run may change: how long, how fast and how carefully it trains, what it
+# logs, keeps, samples and evaluates, where its data lies, and how it computes. Any other
+# field that differs from the run's config.json would continue its checkpoint as another run.
+RESUMABLE_FIELDS = (
+    'training.lr', 'training.warmup_steps', 'training.weight_decay', 'training.grad_clip',
+    'training.num_steps', 'training.log_every', 'training.checkpoint_every',
+    'training.keep_checkpoints', 'training.sample_every', 'training.num_samples',
+    'training.sample_steps', 'training.multi_host', 'training.stop_after_nonfinite',
+    'training.max_update_ratio', 'data.path', 'data.tfds_data_dir', 'data.verify_images',
+    'data.skip_unreadable', 'init_from', 'adv.replay_loop', 'eval', 'probe')
 
 
 class ConfigError(ValueError):
@@ -79,23 +93,57 @@ def model_field(model: ml_collections.ConfigDict, name: str) -> Any:
 def network_differences(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict,
                         ignore: Iterable[str] = ()) -> list[str]:
   """The fields ('model.num_heads', ...) in which two configs describe another network or
-  noise process: the image shape, the model block (but COMPUTE_FIELDS and the model fields
-  in `ignore`) and the diffusion's schedule and length."""
-  plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+  noise process: NETWORK_FIELDS, but COMPUTE_FIELDS and the model fields in `ignore`."""
   skip = COMPUTE_FIELDS + tuple(ignore)
-  differ = [f'data.{k}' for k in ('image_size', 'channels') if ours.data[k] != theirs.data[k]]
-  differ += [f'model.{k}' for k in sorted(set(ours.model) | set(theirs.model))
-             if k not in skip and plain(model_field(ours.model, k)) != plain(
-                 model_field(theirs.model, k))]
-  differ += [f'diffusion.{k}' for k in ('schedule', 'num_timesteps')
-             if ours.diffusion[k] != theirs.diffusion[k]]
-  return differ
+  fields = []
+  for field in NETWORK_FIELDS:
+    fields += ([f'model.{k}' for k in sorted(set(ours.model) | set(theirs.model))
+                if k not in skip] if field == 'model' else [field])
+  return [field for field in fields if _differs(ours, theirs, field)]
+
+
+def resume_differences(ours: ml_collections.ConfigDict,
+                       theirs: ml_collections.ConfigDict) -> list[str]:
+  """The fields in which `ours` would resume the run of `theirs` (its config.json) as
+  another run: network_differences (dropout included: it is part of the training), then
+  the objective, then every other field but RESUMABLE_FIELDS and those neither run reads.
+  A field only one of them has was added after the other run was written, which trained
+  with its default, so it is not compared."""
+  differ = network_differences(ours, theirs)
+  unread = set(_unread_fields(ours)) & set(_unread_fields(theirs))
+  skip = NETWORK_FIELDS + RESUMABLE_FIELDS + tuple(unread) + ('objective',)
+  shared = sorted(set(field_paths(ours)) & set(field_paths(theirs)))
+  rest = ['objective'] + [f for f in shared if not _is_under(f, skip)]
+  return differ + [field for field in rest if _differs(ours, theirs, field)]
+
+
+def _unread_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The fields (or blocks) that `config`'s run never reads: another objective's, and the
+  AT settings of a run without AT."""
+  unread = [] if is_consistency(config) else ['consistency']
+  unread += [] if objective_of(config) == 'cd' else ['teacher']
+  if config.adv.method == 'none':
+    unread += [f'adv.{k}' for k in config.adv if k != 'method']
+  return tuple(unread)
+
+
+def _is_under(field: str, prefixes: Iterable[str]) -> bool:
+  return any(field == p or field.startswith(p + '.') for p in prefixes)
+
+
+def _differs(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict,
+             field: str) -> bool:
+  plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # JSON stores tuples as lists
+  return plain(field_value(ours, field)) != plain(field_value(theirs, field))
 
 
 def field_value(config: ml_collections.ConfigDict, field: str) -> Any:
-  """The value of a dotted field, with LATER_MODEL_FIELDS' defaults for the model block."""
+  """The value of a dotted field, with LATER_MODEL_FIELDS' defaults for the model block
+  and objective_of's for the objective."""
   block, _, name = field.partition('.')
-  return model_field(config.model, name) if block == 'model' else _get(config, field)
+  if block == 'model':
+    return model_field(config.model, name)
+  return objective_of(config) if field == 'objective' else _get(config, field)
 
 
 def is_number(value: Any) -> bool:
@@ -352,6 +400,7 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
     _positive(config, f'training.{field}', integer=True)
   _positive(config, 'training.keep_checkpoints', integer=True)
   _positive(config, 'training.stop_after_nonfinite', allow_zero=True, integer=True)
+  _positive(config, 'training.max_update_ratio', allow_zero=True)
   _positive(config, 'training.sample_every', allow_zero=True, integer=True)
   _positive(config, 'training.num_samples', integer=True)
   _positive(config, 'training.sample_steps', integer=True)

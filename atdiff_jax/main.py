@@ -58,7 +58,8 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
 
 def run() -> int:
   """The parsed command; returns the exit status: 0 done (or stopped by a signal, resumable),
-  2 bad input (config, data, checkpoint, command line), 3 stopped on non-finite values."""
+  2 bad input (config, data, checkpoint, command line), 3 stopped to keep the checkpoints
+  good (non-finite values, divergence, a failed save)."""
   config = _CONFIG.value
   # Imports only (reading config.json touches no JAX backend).
   from atdiff_jax import checkpoint, config as config_lib  # pylint: disable=g-import-not-at-top
@@ -80,7 +81,7 @@ def run() -> int:
       from atdiff_jax import train
       try:
         train.train(config, _WORKDIR.value)
-      except train.NonFiniteError as e:
+      except (train.StopError, checkpoint.CheckpointWriteError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 3
     else:

@@ -1,7 +1,9 @@
 """The host training loop: set-up, resume, log, checkpoint, sample, stop cleanly.
 
 Only this file touches the host: the step itself (train_step.py) is one compiled program,
-and the loop pulls metrics to the host once per log interval.
+and the loop pulls metrics to the host once per log interval. Steps run asynchronously in
+between; the state's guard (the first minibatch that must stop the run) is read before
+every save and at every log and sample point, so no checkpoint holds a state past it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from atdiff_jax import checkpoint, config as config_lib, data, images, parallel
 from atdiff_jax.samplers import from_config
 from atdiff_jax.config import updates_per_minibatch
 from atdiff_jax.objectives import check_frozen_sources
+from atdiff_jax.train_state import STOP_DIVERGED
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.samplers.options import check_config_options
 from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
@@ -99,40 +102,50 @@ def _fetch_mean(metrics: list[dict[str, jax.Array]]) -> tuple[dict[str, float], 
   return means, stacked
 
 
-class NonFiniteError(RuntimeError):
+class StopError(RuntimeError):
+  """The run stopped itself to keep its checkpoints good (exit code 3); the message names
+  the minibatch and the last good checkpoint, kept as it was."""
+
+
+class NonFiniteError(StopError):
   """Too many minibatches in a row had a non-finite loss or gradient
-  (training.stop_after_nonfinite)."""
+  (training.stop_after_nonfinite), or the state to save holds a non-finite value."""
 
 
-@dataclasses.dataclass
-class _NonFiniteGuard:
-  """Follows the step's `nonfinite` counts (skipped updates per minibatch), in order, on
-  the host.
+class DivergedError(StopError):
+  """An update far larger than the params (training.max_update_ratio): finite, diverging."""
 
-  The step itself skips such updates (the state stays as it was); this counts the
-  minibatches that had one, says so, and stops the run once `limit` minibatches in a row
-  had one (0: never).
-  """
-  limit: int
-  streak: int = 0
 
-  def observe(self, stacked: list[dict], first_step: int, last_checkpoint: int | None) -> None:
-    skipped = 0
-    for offset, metrics in enumerate(stacked):
-      flag = bool(metrics['nonfinite'])
-      self.streak = self.streak + 1 if flag else 0
-      skipped += flag
-      if self.limit and self.streak >= self.limit:
-        raise NonFiniteError(
-            f'stopped at minibatch {first_step + offset + 1}: {self.streak} minibatches in a '
-            'row had a non-finite loss or gradient, their updates skipped '
-            f'(training.stop_after_nonfinite={self.limit}); the last checkpoint is '
-            f'{"step " + str(last_checkpoint) if last_checkpoint is not None else "none"}, '
-            'kept as it was. Lower training.lr, check the data, or raise the limit.')
-    if skipped:
-      log.warning('%d of the %d minibatches %d..%d had updates skipped: non-finite loss or '
-                  'gradient.', skipped, len(stacked), first_step + 1,
-                  first_step + len(stacked))
+def _check_guard(state, ckpt: checkpoint.Checkpointer, training) -> None:
+  """Raises the stop that the step's guard recorded, if any. Reads four scalars, a host
+  sync: only where the loop logs, saves or samples."""
+  guard = jax.device_get(state.guard)
+  stop_at = int(guard.stop_at)
+  if not stop_at:
+    return
+  ckpt.wait()  # a save in flight holds a state from before the stop: it counts as kept
+  last = ckpt.latest_step()
+  kept = f'step {last}' if last is not None else 'none'
+  if int(guard.stop_reason) == STOP_DIVERGED:
+    raise DivergedError(
+        f'stopped at minibatch {stop_at}: the run diverged: the norm of its update over the '
+        f'norm of the params was {float(guard.update_ratio):.3g} (training.max_update_ratio='
+        f'{training.max_update_ratio}). Nothing after minibatch {stop_at - 1} was saved; '
+        f'the last good checkpoint is {kept}, kept as it was. Resume from it with a lower '
+        '--config.training.lr.')
+  raise NonFiniteError(
+      f'stopped at minibatch {stop_at}: {training.stop_after_nonfinite} minibatches in a row '
+      'had a non-finite loss or gradient, their updates skipped '
+      f'(training.stop_after_nonfinite={training.stop_after_nonfinite}); the last checkpoint '
+      f'is {kept}, kept as it was. Lower training.lr, check the data, or raise the limit.')
+
+
+def _warn_skipped(stacked: list[dict], first_step: int) -> None:
+  """Says how many minibatches of a log interval had updates skipped as non-finite."""
+  skipped = sum(bool(metrics['nonfinite']) for metrics in stacked)
+  if skipped:
+    log.warning('%d of the %d minibatches %d..%d had updates skipped: non-finite loss or '
+                'gradient.', skipped, len(stacked), first_step + 1, first_step + len(stacked))
 
 
 class _Writer:
@@ -194,6 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   config_lib.validate_training(config, jax.device_count(), jax.process_count())
   # The eval block's sampler options too: a typo there must not cost a training run.
   check_config_options(config.eval)
+  checkpoint.check_resume(config, workdir)  # a resume as another run stops here
   source = data.create_source(config.data)  # bad data stops here, before any compile
   config_lib.validate_source(config, source)
   is_main = jax.process_index() == 0
@@ -219,7 +233,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     training = config.training
     progress = _Progress(start_step, training.num_steps, training.batch_size,
                          updates_per_minibatch(config))
-    guard = _NonFiniteGuard(int(training.stop_after_nonfinite))
     writer = _Writer(workdir)
     buffered: list[dict[str, jax.Array]] = []
     step = start_step
@@ -230,10 +243,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         state, metrics = train_step(state, next(stream), frozen)
         buffered.append(metrics)
         step += 1
+        ckpt.check()  # a failed save stops the run now, not at the next save
         if step % training.log_every == 0 or step == training.num_steps:
           values, stacked = _fetch_mean(buffered)
           values |= progress.tick(step)
-          guard.observe(stacked, step - len(stacked), ckpt.latest_step())
+          _warn_skipped(stacked, step - len(stacked))
           buffered = []
           writer.scalars(step, values)
           if is_main:
@@ -247,17 +261,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
                   f'{values["images_per_s"]:.0f} img/s | '
                   f'{values["updates_per_s"]:.1f} updates/s | '
                   f'ETA {_format_eta(values["eta_s"])}', flush=True)
+          _check_guard(state, ckpt, training)  # the fetch above waited for the steps
         preempted = stop.requested or (jax.process_count() > 1
                                        and ckpt.reached_preemption(step))
         if step % training.checkpoint_every == 0 or preempted:
-          save_checkpoint(ckpt, step, state)
+          save_checkpoint(ckpt, step, state, training)
         if preempted:
+          ckpt.wait()
           log.warning('Stopped at minibatch %d; run the same command to resume.', step)
           return state
         if training.sample_every and step % training.sample_every == 0:
+          _check_guard(state, ckpt, training)
           _write_samples(preview_fn, state, config, workdir, step, is_main)
     if ckpt.latest_step() != step:
-      save_checkpoint(ckpt, step, state)
+      save_checkpoint(ckpt, step, state, training)
+    ckpt.wait()  # the last save's failure is this run's
     return state
   finally:
     ckpt.close()
@@ -290,8 +308,10 @@ def make_workdir(workdir: str) -> None:
 _all_finite = jax.jit(all_finite)
 
 
-def save_checkpoint(ckpt: checkpoint.Checkpointer, step: int, state) -> None:
-  """Saves `state` unless a value of it is not finite: a checkpoint is always usable."""
+def save_checkpoint(ckpt: checkpoint.Checkpointer, step: int, state, training) -> None:
+  """Saves `state` unless the guard stopped the run at or before `step`, or a value of it
+  is not finite: a checkpoint is always usable."""
+  _check_guard(state, ckpt, training)
   if not bool(_all_finite(state)):
     raise NonFiniteError(f'the train state at minibatch {step} holds non-finite values; it '
                          f'was not saved (the last checkpoint, step {ckpt.latest_step()}, is '

@@ -9,7 +9,10 @@ params) are an argument of every call, replicated, never constants of the progra
 
 An update whose loss or gradient is not finite is skipped inside the program (no host
 sync): params, optimizer state, EMA and objective state stay as they were;
-`metrics['nonfinite']` counts the skipped updates of the call for the host loop.
+`metrics['nonfinite']` counts the skipped updates of the call for the host loop. The
+state's guard (train_state.Guard) records, in-graph, the first minibatch that must stop
+the run: training.stop_after_nonfinite such minibatches in a row, or an update larger than
+training.max_update_ratio times the params (finite, yet diverging).
 
 Per-example keys make the draw (and the delta start) independent of how the batch is split
 across devices; only dropout masks depend on the device layout.
@@ -36,7 +39,7 @@ from atdiff_jax.config import image_shape
 from atdiff_jax.objectives import Objective, get_objective
 from atdiff_jax.models import create_model, init_params
 from atdiff_jax.parallel import AXIS
-from atdiff_jax.train_state import TrainState, apply_update, make_optimizer
+from atdiff_jax.train_state import STOP_NONFINITE, TrainState, apply_update, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainP
   sigma_radius = adv.get('radius_schedule', 'constant') == 'sigma'
   loop = replay.resolve_loop(adv.get('replay_loop', 'auto'), mesh.devices.flat[0].platform)
   ema_rates = tuple(config.training.ema_rates)
+  max_update_ratio = float(config.training.max_update_ratio)
+  nonfinite_limit = int(config.training.stop_after_nonfinite)
 
   def per_device(state: TrainState, images: jax.Array, labels: jax.Array, frozen):
     local_batch = images.shape[0]
@@ -105,7 +110,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainP
                            state.opt_step)
 
     def apply(state: TrainState, grads, aux: dict) -> TrainState:
-      state = apply_update(state, grads, tx, ema_rates)
+      state = apply_update(state, grads, tx, ema_rates, max_update_ratio)
       return state.replace(objective_state=objective.after_update(
           state.objective_state, state.params, batch, aux))
 
@@ -152,7 +157,12 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainP
       metrics['grad_delta_norm'] = lax.pmean(out.grad_delta_norm, AXIS)
     metrics['loss'] = lax.pmean(metrics['loss'], AXIS)
     metrics['clean_loss'] = lax.pmean(metrics['clean_loss'], AXIS)
-    return out.state.replace(step=out.state.step + 1), metrics
+    guard = out.state.guard
+    streak = jnp.where(out.skipped > 0, guard.nonfinite_streak + 1, 0).astype(jnp.int32)
+    guard = guard.replace(nonfinite_streak=streak)
+    if nonfinite_limit:
+      guard = guard.stop(state.step + 1, STOP_NONFINITE, streak >= nonfinite_limit)
+    return out.state.replace(step=out.state.step + 1, guard=guard), metrics
 
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
                          out_specs=(P(), P()), check_vma=False)

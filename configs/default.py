@@ -70,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   # A minibatch with a non-finite loss or gradient is skipped (all its updates); this many
   # in a row stop the run (its last checkpoint is kept); 0: skip them and go on.
   training.stop_after_nonfinite = 100
+  # An update whose global norm is above this multiple of the params' norm is divergence,
+  # finite or not (lr far too high): the run stops at that minibatch and keeps its last
+  # good checkpoint; 0: off. Adam's first updates, its largest, are about lr / rms(params):
+  # 0.02 of the params at lr 1e-3 on the quickstart U-Net.
+  training.max_update_ratio = 1.0
 
   # Adversarial training (the paper's method). method=none is standard training.
   config.adv = adv = ml_collections.ConfigDict()

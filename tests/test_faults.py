@@ -5,6 +5,8 @@ The kill loop and the SIGTERM test run the real command in subprocesses (one CPU
 one-level U-Net, a compilation cache shared by the runs). They are marked `faults`:
 `pytest -m faults -s` runs them alone and prints the steps lost per kill.
 """
+import copy
+import errno
 import os
 import random
 import re
@@ -16,11 +18,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from atdiff_jax import checkpoint, data, main, train
+from atdiff_jax import checkpoint, config as config_lib, data, main, train, train_step
 from atdiff_jax.parallel import make_mesh
+from atdiff_jax.train_state import STOP_DIVERGED, STOP_NONFINITE
 from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
                                    make_train_step)
 from conftest import ToyDenoiser, assert_trees_equal, tiny_config
@@ -211,12 +215,23 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_newest_intact_one(
 def test_a_checkpoint_of_another_model_is_an_error_and_nothing_moves(loop_config, tmp_path):
   loop_config.training.num_steps = 2
   train.train(loop_config, str(tmp_path))
-  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  before = _files(tmp_path)
   loop_config.model.ch = 64
+  # The run's config.json names the field before anything is read or compiled.
+  with pytest.raises(config_lib.ConfigError, match=r'config\.model\.ch=64: the run in '
+                     r'--workdir=.* has model\.ch=32'):
+    train.train(loop_config, str(tmp_path))
+  assert _files(tmp_path) == before
+  # Without it, the checkpoint itself does not restore, and nothing moves either.
+  os.remove(tmp_path / 'config.json')
   with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint step 2'):
     train.train(loop_config, str(tmp_path))
-  assert sorted(str(p) for p in tmp_path.rglob('*')
-                if 'config.json' not in str(p)) == [p for p in before if 'config.json' not in p]
+  assert _files(tmp_path) == {k: v for k, v in before.items() if k != 'config.json'}
+
+
+def _files(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob('*') if p.is_file()}
 
 
 # ------------------------------------------------------------------ non-finite updates
@@ -267,14 +282,15 @@ def test_free_at_skips_only_its_non_finite_passes(loop_config):
 
 def test_a_diverging_run_stops_exit_3_and_never_writes_a_non_finite_checkpoint(tmp_path,
                                                                               capsys):
-  """lr 1e30: the first update sends the params to ~1e30 and every later loss overflows. With
-  stop_after_nonfinite=2 the command stops at minibatch 3 with exit code 3, naming the last
-  checkpoint; every checkpoint it wrote is finite."""
+  """lr 1e30 with the divergence guard off: the first update sends the params to ~1e30 and
+  every later loss overflows. With stop_after_nonfinite=2 the command stops at minibatch 3
+  with exit code 3, naming the last checkpoint; every checkpoint it wrote is finite."""
   args = [a for a in TINY if 'num_steps' not in a and 'checkpoint_every' not in a]
   code = main.cli(['atdiff_jax.main', f'--workdir={tmp_path}', *args,
                    '--config.training.num_steps=6', '--config.training.lr=1e30',
                    '--config.training.checkpoint_every=1', '--config.training.keep_checkpoints=9',
-                   '--config.training.stop_after_nonfinite=2'])
+                   '--config.training.stop_after_nonfinite=2',
+                   '--config.training.max_update_ratio=0'])
   assert code == 3
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('error: stopped at minibatch 3: 2 minibatches in a row had a '
@@ -286,14 +302,254 @@ def test_a_diverging_run_stops_exit_3_and_never_writes_a_non_finite_checkpoint(t
   assert int(saved[2].opt_step) == 1  # minibatch 2's update was skipped
 
 
-def test_the_host_guard_counts_and_stops_only_with_a_limit():
-  skipped = [{'nonfinite': n} for n in (0, 3, 1, 2, 0, 1)]
-  train._NonFiniteGuard(0).observe(skipped, 0, None)  # pylint: disable=protected-access
-  guard = train._NonFiniteGuard(3)  # pylint: disable=protected-access
-  guard.observe(skipped[:2], 0, 2)
-  with pytest.raises(train.NonFiniteError, match='stopped at minibatch 4: 3 minibatches in a '
-                     r'row.*the last checkpoint is step 2'):
-    guard.observe(skipped[2:], 2, 2)  # the streak carries over from the last interval
+@pytest.mark.parametrize('limit,stop_at', [(3, 7), (0, 0)])
+def test_the_step_counts_the_non_finite_streak_and_names_where_it_stops(loop_config, limit,
+                                                                        stop_at):
+  """The guard lives in the state: the host reading it only now still learns that the
+  third poisoned minibatch in a row (the 7th) stopped the run; limit 0 never stops."""
+  loop_config.training.stop_after_nonfinite = limit
+  step, state, clean, batch = _step_state_and_batch(loop_config)
+  poisoned = clean.at[1, 0, 0, 0].set(jnp.nan)
+  for images in (clean, poisoned, poisoned, clean, poisoned, poisoned, poisoned, poisoned):
+    state, _ = step(state, batch(images))
+  guard = jax.device_get(state.guard)
+  assert int(guard.nonfinite_streak) == 4
+  assert int(guard.stop_at) == stop_at
+  assert int(guard.stop_reason) == (STOP_NONFINITE if stop_at else 0)
+
+
+def test_an_update_far_larger_than_the_params_stops_the_run_in_the_step(loop_config):
+  """lr 1e30 stays finite for a while; the first update is 1e30 times the params."""
+  loop_config.training.lr = 1e30
+  step, state, clean, batch = _step_state_and_batch(loop_config)
+  state, _ = step(state, batch(clean))
+  assert bool(all_finite(state.params))  # finite: the non-finite guard sees nothing
+  for _ in range(2):
+    state, _ = step(state, batch(clean))
+  guard = jax.device_get(state.guard)
+  assert (int(guard.stop_at), int(guard.stop_reason)) == (1, STOP_DIVERGED)
+  assert not float(guard.update_ratio) <= 1e20
+
+
+# ------------------------------------------------------------------ the loop on the toy model
+
+
+@pytest.fixture
+def toy_model(monkeypatch):
+  """train() with the toy denoiser: the loop compiles in seconds (the guards and saves are
+  the loop's, not the model's)."""
+  monkeypatch.setattr(train_step, 'create_model', lambda config: ToyDenoiser())
+
+
+def _toy_state(workdir, step=None):
+  """A checkpoint of a toy run (default: the latest), on the host."""
+  config = checkpoint.load_config(str(workdir))
+  abstract = jax.eval_shape(make_init_fn(config, TrainParts.build(config, ToyDenoiser())),
+                            jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=100, async_save=False)
+  try:
+    return jax.device_get(ckpt.restore(abstract, step))
+  finally:
+    ckpt.close()
+
+
+def _steps(workdir):
+  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
+@pytest.fixture(scope='module')
+def toy_run(tmp_path_factory):
+  """(the workdir of a finished toy run with checkpoints 2 and 4, its config)."""
+  config = tiny_config()
+  config.training.checkpoint_every, config.training.keep_checkpoints = 2, 3
+  workdir = tmp_path_factory.mktemp('toy_run')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train_step, 'create_model', lambda config: ToyDenoiser())
+    train.train(config, str(workdir))
+  return workdir, config
+
+
+# ------------------------------------------------------------------ resuming as another run
+
+
+RESUME_CHANGES = [
+    ('diffusion.schedule', 'linear',
+     r"config\.diffusion\.schedule='linear': the run in --workdir=.* has "
+     r"diffusion\.schedule='cosine'; resuming would continue its checkpoints as another run"),
+    ('diffusion.num_timesteps', 50,
+     r'config\.diffusion\.num_timesteps=50: the run in --workdir=.* has '
+     r'diffusion\.num_timesteps=100;'),
+    ('objective', 'ct', r"config\.objective='ct': the run in --workdir=.* has objective='dpm';"),
+]
+
+
+@pytest.mark.parametrize('field,value,message', RESUME_CHANGES, ids=[c[0] for c in RESUME_CHANGES])
+def test_resuming_as_another_run_is_refused_and_nothing_changes(toy_run, tmp_path, field, value,
+                                                                 message):
+  source, config = toy_run
+  run = tmp_path / 'run'
+  shutil.copytree(source, run)
+  before = _files(run)
+  config = copy.deepcopy(config)
+  block, _, name = field.rpartition('.')
+  (config[block] if block else config)[name] = value
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      train.train(config, str(run))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  assert _files(run) == before  # config.json and the checkpoints as they were
+
+
+def test_resuming_with_another_lr_and_length_goes_on(toy_model, toy_run, tmp_path, caplog):
+  source, config = toy_run
+  run = tmp_path / 'run'
+  shutil.copytree(source, run)
+  config = copy.deepcopy(config)
+  config.training.lr, config.training.num_steps = 5e-4, 6
+  with caplog.at_level('INFO'):
+    state = train.train(config, str(run))
+  assert 'Resuming from' in caplog.text and 'starting at minibatch 4' in caplog.text
+  assert int(state.step) == 6 and _steps(run) == ['2', '4', '6']
+  assert checkpoint.load_config(str(run)).training.lr == 5e-4  # config.json says so now
+
+
+def test_every_resumable_field_may_change(config):
+  """The fields RESUMABLE_FIELDS lets through, and only those, differ from config.json."""
+  stored = copy.deepcopy(config)
+  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  for field in config_lib.field_paths(config):
+    if any(field == p or field.startswith(p + '.') for p in config_lib.RESUMABLE_FIELDS):
+      block, _, name = field.rpartition('.')
+      node = config
+      for part in block.split('.') if block else []:
+        node = node[part]
+      node[name] = 'changed'
+  assert config_lib.resume_differences(config, stored) == []
+  config.training.batch_size = 32
+  config.model.dropout = 0.1
+  assert config_lib.resume_differences(config, stored) == ['model.dropout', 'training.batch_size']
+
+
+# ------------------------------------------------------------------ divergence
+
+
+def test_a_diverging_resume_stops_at_the_minibatch_it_names_and_keeps_the_last_good_one(
+    toy_model, tmp_path, capsys):
+  """Four good minibatches, then lr 1e30: minibatch 5's update is 1e30 times the params. The
+  host reads the guard only at minibatch 6's checkpoint (log_every 100), yet the line names
+  5, exit code 3; nothing after checkpoint 4 is written, and checkpoint 4 restores finite.
+  A resume with a sane lr goes on from 4, which leaves the rotation only then."""
+  args = [a for a in TINY if a.split('=')[0] not in (
+      '--config.training.num_steps', '--config.training.checkpoint_every',
+      '--config.training.log_every')] + ['--config.training.checkpoint_every=2',
+                                         '--config.training.log_every=100']
+  command = ['atdiff_jax.main', f'--workdir={tmp_path}', *args]
+  assert main.cli(command + ['--config.training.num_steps=4']) == 0
+  good = _toy_state(tmp_path, 4)
+  capsys.readouterr()
+  code = main.cli(command + ['--config.training.num_steps=12', '--config.training.lr=1e30'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 3, err
+  assert re.match(r'error: stopped at minibatch 5: the run diverged: the norm of its update over '
+                  r'the norm of the params was \S+ \(training\.max_update_ratio=1\.0\)\. '
+                  r'Nothing after minibatch 4 was saved; the last good checkpoint is step 4, '
+                  r'kept as it was\.', err[-1]), err[-1]
+  assert _steps(tmp_path) == ['2', '4']
+  kept = _toy_state(tmp_path, 4)
+  assert bool(all_finite(kept))
+  assert_trees_equal(kept, good)
+  assert main.cli(command + ['--config.training.num_steps=8']) == 0
+  assert _steps(tmp_path) == ['6', '8']  # keep_checkpoints=2
+
+
+# ------------------------------------------------------------------ failed saves
+
+
+def _fail_commit(monkeypatch, step, error):
+  """Makes Orbax's background commit of checkpoint `step` raise `error`: its last write,
+  commit_success.txt in the step's temporary folder, made in its save thread once the
+  arrays are written (so that no write of it is still landing when the test goes on)."""
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  write_text = async_path.write_text
+
+  async def failing(path, text):
+    if str(path).endswith(f'{os.sep}{step}{checkpoint.PARTIAL_MARK}{os.sep}commit_success.txt'):
+      raise error
+    return await write_text(path, text)
+
+  monkeypatch.setattr(async_path, 'write_text', failing)
+
+
+def _fail_start(monkeypatch, step, error):
+  """Makes the start of the save of `step` raise `error`, before anything is written."""
+  save = checkpoint.ocp.CheckpointManager.save
+
+  def failing(self, at_step, *args, **kwargs):
+    if at_step == step:
+      raise error
+    return save(self, at_step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'save', failing)
+
+
+_ENOSPC = lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+FAILED_SAVES = [
+    ('disk full in the background', _fail_commit, _ENOSPC,
+     r'no space left on device: it needs about [\d,]+ bytes \(the size of step 2\) and '
+     r'[\d,]+ bytes are free; the last good checkpoint, step 2, is kept\. Free some space and '
+     r'run the same command to resume$'),
+    ('disk full at the start', _fail_start, _ENOSPC,
+     r'no space left on device: it needs about [\d,]+ bytes \(the size of step 2\)'),
+    ('another error in the background', _fail_commit, lambda: RuntimeError('lost the bucket'),
+     r'RuntimeError: lost the bucket; the last good checkpoint, step 2, is kept$'),
+]
+
+
+@pytest.mark.parametrize('name,fail,error,message', FAILED_SAVES, ids=[c[0] for c in FAILED_SAVES])
+def test_a_failed_save_stops_the_run_keeps_the_last_good_one_and_resumes(
+    toy_model, tmp_path, monkeypatch, capsys, name, fail, error, message):
+  """Checkpoint 4 fails (keep_checkpoints=1, so a rotation on failure would delete step 2):
+  one line naming the path, exit code 3, step 2 intact; the same command then removes the
+  partial folder and finishes from step 2."""
+  del name
+  args = [a for a in TINY if a.split('=')[0] not in (
+      '--config.training.num_steps', '--config.training.checkpoint_every',
+      '--config.training.keep_checkpoints')]
+  command = ['atdiff_jax.main', f'--workdir={tmp_path}', *args, '--config.training.num_steps=8',
+             '--config.training.checkpoint_every=2', '--config.training.keep_checkpoints=1']
+  with monkeypatch.context() as patch:
+    fail(patch, 4, error())
+    code = main.cli(command)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 3, err
+  assert err[-1].startswith(f'error: cannot write checkpoint step 4 to '
+                            f'{tmp_path / "checkpoints" / "4"}: '), err[-1]
+  assert re.search(message, err[-1]), err[-1]
+  assert not any('Traceback' in line for line in err), err
+  assert [s for s in _steps(tmp_path) if checkpoint.PARTIAL_MARK not in s] == ['2']
+  assert bool(all_finite(_toy_state(tmp_path, 2)))
+  assert main.cli(command) == 0
+  assert _steps(tmp_path) == ['8']
+
+
+def test_partial_saves_are_removed_at_start_and_finished_ones_never(tmp_path):
+  """What kill -9 or a full disk leaves of a save in flight goes; checkpoints stay."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ckpt.save(2, {'x': jnp.arange(4.0)})
+  ckpt.close()
+  folder = tmp_path / 'checkpoints'
+  for partial in ('4.orbax-checkpoint-tmp', '6.orbax-checkpoint-tmp-1733480000'):
+    (folder / partial / 'default').mkdir(parents=True)
+    (folder / partial / 'default' / 'part').write_bytes(b'half')
+  finished = _files(folder / '2')
+  checkpoint.Checkpointer(str(tmp_path), keep=3).close()
+  assert sorted(os.listdir(folder)) == ['2']
+  assert _files(folder / '2') == finished
 
 
 # ------------------------------------------------------------------ bad input, one line each
@@ -342,6 +598,8 @@ BAD_INPUTS = [
      r'config\.training\.timestep_sampler='),
     ('nonfinite limit', ['--config.training.stop_after_nonfinite=-1'],
      r'config\.training\.stop_after_nonfinite=-1'),
+    ('update ratio', ['--config.training.max_update_ratio=-1'],
+     r'config\.training\.max_update_ratio=-1\.0: must be >= 0'),
     ('objective', ['--config.objective=gan'], r'config\.objective=.gan.'),
     ('cd without teacher', ['--config.objective=cd'], r'config\.teacher'),
     ('cd teacher missing', ['--config.objective=cd', '--config.teacher={tmp}/nowhere'],
@@ -370,6 +628,8 @@ BAD_INPUTS = [
     ('no config file', ['--config={tmp}/nope.py'], r'--config=.*nope\.py: no such file'),
     ('override without config', ['--config=', '--config.training.lr=1'], r'--config'),
     ('workdir under a file', None, r'--workdir=.*a_file/run.*: cannot be a folder here'),
+    ('checkpoints a file', ['--workdir={tmp}/file_run'],
+     r'file_run/checkpoints is not a folder; the run keeps its checkpoints there'),
 ]
 
 
@@ -384,6 +644,8 @@ def bad_files(tmp_path_factory):
     Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp / 'images' / f'ok{i}.png')
   (tmp / 'images' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
   (tmp / 'a_file').write_text('not a folder')
+  (tmp / 'file_run').mkdir()
+  (tmp / 'file_run' / 'checkpoints').write_text('not a folder')
   wide = tiny_config()
   wide.model.ch = 128
   (tmp / 'wide_run').mkdir()
@@ -404,6 +666,8 @@ def test_bad_input_is_one_line_before_anything_compiles(name, args, message, bad
   else:
     workdir = str(tmp_path / 'run')
   args = [a.replace('{tmp}', tmp) for a in args]
+  workdir = next((a.split('=', 1)[1] for a in args if a.startswith('--workdir=')), workdir)
+  args = [a for a in args if not a.startswith('--workdir=')]
   if not any(a.startswith('--config=') for a in args):
     args = QUICK + args
   compiles = []
