@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices, configured before JAX initialises a backend."""
+import contextlib
 import os
 import tempfile
 
@@ -74,3 +75,17 @@ class ToyDenoiser(nn.Module):
     if y is not None:
       h = h + nn.Embed(10, 8)(y)[:, None, None, :]
     return nn.Conv(self.out_channels, (3, 3))(h)
+
+
+@contextlib.contextmanager
+def no_compiles(kind: str = 'compile'):
+  """Asserts that the block compiles nothing: no JAX event whose name holds `kind`
+  ('compile': tracing and lowering too; 'backend_compile': XLA compiles only)."""
+  events = []
+  listener = lambda event, *_, **__: events.append(event) if kind in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not events, events

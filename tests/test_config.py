@@ -3,9 +3,9 @@ import copy
 import importlib
 import os
 
-import jax
 import pytest
 
+import conftest
 from atdiff_jax import config as config_lib
 from atdiff_jax import train
 
@@ -76,15 +76,8 @@ def test_bad_data_stops_training_before_compiling(config, tmp_path, field, value
   _set(config, field, value)
   if field == 'data.image_size':
     config.model.attn_resolutions = (8,)
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event) if 'compile' in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    with pytest.raises(config_lib.ConfigError, match=message):
-      train.train(config, str(tmp_path))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert not compiles
+  with conftest.no_compiles(), pytest.raises(config_lib.ConfigError, match=message):
+    train.train(config, str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 

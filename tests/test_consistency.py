@@ -437,15 +437,8 @@ def test_bad_teacher_stops_distillation_before_compiling(tmp_path, problem, erro
                                    image_size=8)
   else:
     config.teacher = _fake_teacher(tmp_path / 'empty', image_size=8)
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event) if 'compile' in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    with pytest.raises(error, match=message):
-      train.train(config, str(tmp_path / 'run'))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert not compiles
+  with conftest.no_compiles(), pytest.raises(error, match=message):
+    train.train(config, str(tmp_path / 'run'))
 
 
 # ------------------------------------------------------------------ end to end

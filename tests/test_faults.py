@@ -27,7 +27,7 @@ from atdiff_jax.parallel import make_mesh
 from atdiff_jax.train_state import STOP_DIVERGED, STOP_NONFINITE
 from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
                                    make_train_step)
-from conftest import ToyDenoiser, assert_trees_equal, tiny_config
+from conftest import ToyDenoiser, assert_trees_equal, no_compiles, tiny_config
 
 NUM_STEPS = 24
 TINY = ['--config=configs/quickstart.py', '--config.model.ch_mult=(1,)',
@@ -393,15 +393,8 @@ def test_resuming_as_another_run_is_refused_and_nothing_changes(toy_run, tmp_pat
   config = copy.deepcopy(config)
   block, _, name = field.rpartition('.')
   (config[block] if block else config)[name] = value
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    with pytest.raises(config_lib.ConfigError, match=message):
-      train.train(config, str(run))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert not compiles
+  with no_compiles('backend_compile'), pytest.raises(config_lib.ConfigError, match=message):
+    train.train(config, str(run))
   assert _files(run) == before  # config.json and the checkpoints as they were
 
 
@@ -670,18 +663,12 @@ def test_bad_input_is_one_line_before_anything_compiles(name, args, message, bad
   args = [a for a in args if not a.startswith('--workdir=')]
   if not any(a.startswith('--config=') for a in args):
     args = QUICK + args
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with no_compiles('backend_compile'):
     code = main.cli(['atdiff_jax.main', f'--workdir={workdir}', *args])
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2, err
   assert len(err) == 1 and err[0].startswith('error: '), err
   assert re.search(message, err[0]), err[0]
-  assert not compiles, (name, compiles)
   written = os.path.join(workdir, 'checkpoints')
   assert not os.path.isdir(written) or not os.listdir(written), name
   assert not os.path.exists(os.path.join(workdir, 'config.json')), name

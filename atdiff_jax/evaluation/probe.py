@@ -39,7 +39,7 @@ def validate_probe(config: ml_collections.ConfigDict, nfe: int) -> None:
   probe = config.probe
 
   def fail(field, why):
-    raise config_lib.ConfigError(f'config.probe.{field}={probe[field]!r}: {why}')
+    config_lib.fail(f'probe.{field}', probe[field], why)
 
   if not tuple(probe.run) or set(probe.run) - set(PROBES):
     fail('run', f'must name some of {", ".join(PROBES)}')
