@@ -56,7 +56,7 @@ RESUMABLE_FIELDS = (
     'training.num_steps', 'training.log_every', 'training.checkpoint_every',
     'training.keep_checkpoints', 'training.sample_every', 'training.num_samples',
     'training.sample_steps', 'training.multi_host', 'training.stop_after_nonfinite',
-    'training.max_update_ratio', 'data.path', 'data.tfds_data_dir', 'data.verify_images',
+    'training.max_update_ratio', 'training.profile', 'data.path', 'data.tfds_data_dir', 'data.verify_images',
     'data.skip_unreadable', 'init_from', 'adv.replay_loop', 'eval', 'probe')
 
 
@@ -401,6 +401,10 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   _positive(config, 'training.keep_checkpoints', integer=True)
   _positive(config, 'training.stop_after_nonfinite', allow_zero=True, integer=True)
   _positive(config, 'training.max_update_ratio', allow_zero=True)
+  profile = config.training.get('profile', (0, 0))  # absent from older runs
+  if (not _is_sequence(profile) or len(profile) != 2
+      or any(not is_number(v) or int(v) != v or v < 0 for v in profile)):
+    fail('training.profile', profile, 'must be (first minibatch, count), whole numbers >= 0')
   _positive(config, 'training.sample_every', allow_zero=True, integer=True)
   _positive(config, 'training.num_samples', integer=True)
   _positive(config, 'training.sample_steps', integer=True)

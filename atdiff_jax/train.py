@@ -214,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   make_workdir(workdir)
   check_frozen_sources(config)  # a missing or mismatched teacher stops here
   ckpt = checkpoint.Checkpointer(workdir, config.training.keep_checkpoints)
-  writer = None
+  writer = profiler = None
   try:
     if config.init_from and ckpt.latest_step() is None:
       _check_init_from(config)
@@ -238,9 +238,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     step = start_step
     stream = data.BatchStream(source, training.batch_size, config.seed, mesh,
                               start_step=start_step, random_flip=config.data.random_flip)
+    profiler = _Profiler(training.get('profile', (0, 0)), workdir, is_main)
     with StopRequest() as stop, stream:
       while step < training.num_steps:
+        profiler.before(step, state)
         state, metrics = train_step(state, next(stream), frozen)
+        profiler.after(step + 1, state)
         buffered.append(metrics)
         step += 1
         ckpt.check()  # a failed save stops the run now, not at the next save
@@ -281,6 +284,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     ckpt.close()
     if writer is not None:
       writer.close()
+    if profiler is not None:
+      profiler.close()
+
+
+class _Profiler:
+  """A jax.profiler trace of minibatches [first, first + count) (training.profile) into
+  WORKDIR/profile: the device work of exactly those steps, waited for at both ends."""
+
+  def __init__(self, window, workdir: str, is_main: bool):
+    self.first, count = (int(v) for v in window)
+    self.last = self.first + count
+    self.directory = os.path.join(workdir, 'profile')
+    self.active = False
+    self.enabled = count > 0 and is_main
+
+  def before(self, step: int, state) -> None:
+    if self.enabled and step == self.first and not self.active:
+      jax.block_until_ready(state)  # earlier steps' device work stays out of the trace
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f'profile: minibatches {self.first}-{self.last - 1} -> {self.directory} '
+            f'(tensorboard --logdir {self.directory})', flush=True)
+
+  def close(self) -> None:
+    """Ends a trace that the run left open (a stop inside the window)."""
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _check_init_from(config: ml_collections.ConfigDict) -> None:

@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   # good checkpoint; 0: off. Adam's first updates, its largest, are about lr / rms(params):
   # 0.02 of the params at lr 1e-3 on the quickstart U-Net.
   training.max_update_ratio = 1.0
+  # A jax.profiler trace of minibatches [first, first + count) into WORKDIR/profile, for
+  # TensorBoard's profile plugin (or Perfetto); (0, 0): none.
+  training.profile = (0, 0)
 
   # Adversarial training (the paper's method). method=none is standard training.
   config.adv = adv = ml_collections.ConfigDict()

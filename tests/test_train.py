@@ -192,3 +192,24 @@ def test_init_from_a_run_of_another_network_names_the_field(config, tmp_path):
                            r'has model.timestep_scale=0.25; fine-tuning starts'):
     train.train(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '0')
+
+
+def test_profile_traces_the_chosen_minibatches_only(config, tmp_path, monkeypatch):
+  """training.profile = (first, count): one trace, started before minibatch `first` and
+  stopped after minibatch first + count - 1, into WORKDIR/profile."""
+  calls = []
+  monkeypatch.setattr(jax.profiler, 'start_trace', lambda d: calls.append(('start', d)))
+  monkeypatch.setattr(jax.profiler, 'stop_trace', lambda: calls.append(('stop',)))
+  steps = []
+  real_step = train.make_train_step
+
+  def counting_step(*args):
+    step = real_step(*args)
+    return lambda state, batch, frozen: (steps.append(len(calls)), step(state, batch,
+                                                                         frozen))[1]
+
+  monkeypatch.setattr(train, 'make_train_step', counting_step)
+  config.training.profile = (1, 2)
+  train.train(config, str(tmp_path))
+  assert calls == [('start', os.path.join(str(tmp_path), 'profile')), ('stop',)]
+  assert steps == [0, 1, 1, 2]  # minibatches 1 and 2 ran inside the trace, 0 and 3 outside
