@@ -16,6 +16,7 @@ Three Frechet distances, each named after its feature space so they are never co
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -129,12 +130,21 @@ def _reference_radii(features: np.ndarray) -> np.ndarray:
   return _radii_memo[1]
 
 
+# The host's share of every batch (float64 feature sums, the precision/recall subset) runs
+# on this one worker, in order, while the caller goes on to dispatch the next batch to the
+# device: the device does not wait for the host's statistics.
+_HOST_STATS = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix='feature-stats')
+
+
 class MetricAccumulator:
   """Feeds image batches through one extractor; the metrics against reference stats.
 
   Keeps running statistics (pool3 and spatial) and, for precision / recall, a
   random subset of the features (drawn with `seed`): up to MAX_SAMPLE_MANIFOLD of
-  them as samples, `extractor.max_manifold` of them as a reference.
+  them as samples, `extractor.max_manifold` of them as a reference. A batch's statistics
+  are added in the background (`update` returns once its features are on the host); every
+  reading waits for them.
   """
 
   def __init__(self, extractor: FeatureExtractor, seed: int = 0):
@@ -146,9 +156,19 @@ class MetricAccumulator:
     self._subset = (pr.RandomSubset(max(extractor.max_manifold, pr.MAX_SAMPLE_MANIFOLD), seed)
                     if extractor.max_manifold else None)
     self._logits: list[np.ndarray] = []
+    self._pending: concurrent.futures.Future | None = None
 
   def update(self, images: np.ndarray) -> None:
     outputs = self.extractor(images)
+    self._wait()  # one batch in flight: bounded memory, and errors surface at the next batch
+    self._pending = _HOST_STATS.submit(self._add, outputs)
+
+  def _wait(self) -> None:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      pending.result()
+
+  def _add(self, outputs) -> None:
     features, logits = outputs[0], outputs[1]
     self._stats.update(features)
     if self._spatial is not None:
@@ -159,10 +179,12 @@ class MetricAccumulator:
       self._logits.append(np.asarray(logits, np.float32))
 
   def stats(self) -> tuple[np.ndarray, np.ndarray]:
+    self._wait()
     return self._stats.result()
 
   def as_reference(self, **metadata) -> ReferenceStats:
     """Everything seen so far as reference statistics (spatial ones and features if kept)."""
+    self._wait()
     mu, sigma = self._stats.result()
     mu_s, sigma_s = self._spatial.result() if self._spatial is not None else (None, None)
     features = (self._subset.result(self.extractor.max_manifold) if self._subset is not None
@@ -175,6 +197,7 @@ class MetricAccumulator:
 
     Metrics whose data `reference` lacks (see `missing_metrics`) are left out.
     """
+    self._wait()
     mu, sigma = self._stats.result()
     metrics = {self.extractor.name: frechet_distance(mu, sigma, reference.mu, reference.sigma)}
     if self._spatial is not None and reference.has_spatial:
