@@ -135,6 +135,23 @@ def test_folder_source_flat_is_unlabeled_and_grey(tmp_path):
   np.testing.assert_array_equal(labels, [0, 0])
 
 
+def test_folder_links_are_followed_each_real_folder_once(tmp_path):
+  """`a -> .` listed every file again at each depth (41 times); two such links never ended.
+  A link to a folder elsewhere is still followed."""
+  (tmp_path / 'data' / 'sub').mkdir(parents=True)
+  (tmp_path / 'elsewhere').mkdir()
+  for i, folder in enumerate(('data', 'data/sub', 'elsewhere')):
+    _write_image(str(tmp_path / folder / f'{i}.png'), np.full((4, 4, 3), 50 * i, np.uint8))
+  os.symlink('.', tmp_path / 'data' / 'a')
+  os.symlink('.', tmp_path / 'data' / 'b')
+  os.symlink('..', tmp_path / 'data' / 'sub' / 'up')
+  os.symlink(tmp_path / 'elsewhere', tmp_path / 'data' / 'linked')
+  source = data.create_source(_config(name='folder', path=str(tmp_path / 'data'),
+                                      image_size=4, channels=1))
+  assert len(source) == 3
+  np.testing.assert_array_equal(np.sort(source.get(np.arange(3))[0][:, 0, 0, 0]), [0, 50, 100])
+
+
 # ----------------------------------------------------------------------- TFDS
 
 _TFDS_SIZE = 4

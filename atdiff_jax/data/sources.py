@@ -102,8 +102,11 @@ def load_npz_source(path: str) -> ArraySource:
     if key is None:
       raise _config_error('path', f'{path!r} has no image array under any of '
                           f'{list(_NPZ_IMAGE_KEYS)} (keys: {arrays.files})')
-    images = arrays[key]
-    labels = arrays['labels'] if 'labels' in arrays.files else None
+    try:  # members are read here: object arrays, a bad CRC or a cut file raise now
+      images = arrays[key]
+      labels = arrays['labels'] if 'labels' in arrays.files else None
+    except Exception as e:  # pylint: disable=broad-except
+      raise _config_error('path', f'cannot read {path!r}: {" ".join(str(e).split())}') from e
   if images.dtype != np.uint8:
     raise _config_error('path', f'{path!r}[{key!r}] has dtype {images.dtype}, expected uint8 in 0..255')
   if images.ndim == 3:  # (N, H, W): grey images without a channel axis
@@ -142,10 +145,20 @@ def _is_hidden(name: str) -> bool:
 
 
 def _find_images(root: str) -> list[str]:
-  """Relative paths of all images under root, sorted so the order is stable."""
-  found = []
+  """Relative paths of all images under root, sorted so the order is stable.
+
+  Linked folders are followed, each real folder once: a link to a folder above it (`a ->
+  .`) would otherwise list its files again at every depth, or never end.
+  """
+  found, seen = [], {os.path.realpath(root)}
   for directory, subdirs, files in os.walk(root, followlinks=True):
-    subdirs[:] = [d for d in subdirs if not _is_hidden(d)]
+    kept = []
+    for d in sorted(subdirs):
+      real = os.path.realpath(os.path.join(directory, d))
+      if not _is_hidden(d) and real not in seen:
+        seen.add(real)
+        kept.append(d)
+    subdirs[:] = kept
     for name in files:
       if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS):
         found.append(os.path.relpath(os.path.join(directory, name), root))
