@@ -257,6 +257,7 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
 
   _positive(config, 'diffusion.num_timesteps', integer=True)
   _choice(config, 'diffusion.schedule', SCHEDULES)
+  validate_network_shape(config)
 
 
 def validate_adversarial(config: ml_collections.ConfigDict) -> None:
@@ -411,6 +412,9 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   if config.training.sample_steps > config.diffusion.num_timesteps:
     fail('training.sample_steps', config.training.sample_steps,
           f'must be <= diffusion.num_timesteps ({config.diffusion.num_timesteps})')
+  validate_cross_fields(config)
+  if 'eval' in config:
+    validate_eval_choices(config)
 
 
 def validate_source(config: ml_collections.ConfigDict, source) -> None:
@@ -425,3 +429,126 @@ def validate_source(config: ml_collections.ConfigDict, source) -> None:
   if len(source) < config.training.batch_size:
     fail('training.batch_size', config.training.batch_size,
           f'is larger than the dataset ({len(source)} images)')
+
+
+# ------------------------------------------------------------------ cross-field checks
+# Checks that relate fields to each other or to what the code can run, kept apart from the
+# per-field checks above.
+
+# Seeds go to jax.random.key and NumPy, and step or batch indices are added to them.
+SEED_LIMIT = 2 ** 32
+# The most passes (free AT's K, PGD's ascent steps) that an unrolled step compiles: it holds
+# one copy of the forward/backward per pass, so K = 10000 would compile for hours. Above it
+# adv.replay_loop='auto' rolls the loop, and 'unrolled' is an error.
+MAX_UNROLLED_PASSES = 16
+FILE_SOURCES = ('npz', 'folder')  # data.name values that read data.path
+BUILTIN_SOURCES = ('digits',) + FILE_SOURCES  # the others are TFDS names
+
+
+def check_seed(field: str, value: Any) -> None:
+  """A seed JAX and NumPy take, with room for the indices added to it."""
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+    fail(field, value, 'must be an integer in [0, 2**32)')
+
+
+def validate_network_shape(config: ml_collections.ConfigDict) -> None:
+  """Attention heads that split every attention block's channels, and a diffusion long
+  enough to have a posterior (what the U-Net and the schedules would raise mid-trace)."""
+  model = config.model
+  if config.diffusion.num_timesteps < 2:
+    fail('diffusion.num_timesteps', config.diffusion.num_timesteps,
+          'must be >= 2 (a diffusion needs at least two noise levels)')
+  size, ch_mult = config.data.image_size, tuple(model.ch_mult)
+  levels = [level for level in range(len(ch_mult))
+            if size // 2 ** level in tuple(model.attn_resolutions)]
+  encoder = set(levels) | {len(ch_mult) - 1}  # the middle block always has attention
+  head_channels = model.num_head_channels
+  up_heads = model_field(model, 'num_heads_upsample')
+  up_heads = model.num_heads if up_heads == -1 else up_heads
+  for level in sorted(encoder):
+    channels = model.ch * ch_mult[level]
+    if head_channels != -1:
+      if channels % head_channels:
+        fail('model.num_head_channels', head_channels,
+              f'must divide the {channels} channels of the attention at '
+              f'{size // 2 ** level}x{size // 2 ** level}')
+      continue
+    for field, heads, where in (('num_heads', model.num_heads, encoder),
+                                ('num_heads_upsample', up_heads, set(levels))):
+      if level in where and channels % heads:
+        fail(f'model.{field}', heads, f'must divide the {channels} channels of the attention '
+              f'at {size // 2 ** level}x{size // 2 ** level} (or set model.num_head_channels)')
+
+
+def replay_passes(config: ml_collections.ConfigDict) -> int:
+  """The passes of one minibatch's replay loop: free AT's K, PGD's ascent steps, else 1."""
+  return int(config.adv.steps) if config.adv.method in ('free', 'pgd') else 1
+
+
+def validate_cross_fields(config: ml_collections.ConfigDict) -> None:
+  """Seeds, the replay loop's length, and fields that another field makes unused (a value
+  the run would silently ignore)."""
+  check_seed('seed', config.seed)
+  if 'eval' in config:
+    check_seed('eval.seed', config.eval.seed)
+  if config.adv.get('replay_loop') == 'unrolled' and replay_passes(config) > MAX_UNROLLED_PASSES:
+    fail('adv.replay_loop', 'unrolled',
+          f'compiles one copy of the forward/backward per pass, and adv.steps='
+          f'{config.adv.steps} is more than {MAX_UNROLLED_PASSES}; use rolled or auto')
+  data = config.data
+  ignored = [('path', bool(data.get('path')) and data.name not in FILE_SOURCES,
+              f'is read only when data.name is {" or ".join(FILE_SOURCES)}'),
+             ('tfds_data_dir', bool(data.get('tfds_data_dir')) and data.name in BUILTIN_SOURCES,
+              'is read only for TFDS data sets'),
+             ('split', data.get('split', 'train') != 'train' and data.name in BUILTIN_SOURCES,
+              'is read only for TFDS data sets'),
+             ('skip_unreadable', bool(data.get('skip_unreadable')) and data.name != 'folder',
+              "is read only when data.name is 'folder'")]
+  for field, unused, why in ignored:
+    if unused:
+      fail(f'data.{field}', data[field], f'{why} (data.name={data.name!r})')
+  if config.get('teacher') and objective_of(config) != 'cd':
+    fail('teacher', config.teacher,
+          f'is read only by objective=cd (objective={objective_of(config)!r}); to start '
+          'from its weights use config.init_from')
+
+
+def validate_eval_choices(config: ml_collections.ConfigDict) -> None:
+  """The eval block's samplers, their options and epsilon scales: what a later
+  --mode=sample|eval|probe reads from the run's config.json, so training checks them too."""
+  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.diffusion.schedules import get_beta_schedule
+  from atdiff_jax.samplers import options
+  ev = config.eval
+  for field, names in (('sampler', (ev.sampler,)), ('samplers', tuple(ev.samplers))):
+    for name in names:
+      if name not in options.OPTIONS:
+        fail(f'eval.{field}', name, f'must be one of {", ".join(options.OPTIONS)}')
+  for field, values in (('eps_scale', (ev.eps_scale,)), ('eps_scales', tuple(ev.eps_scales))):
+    for value in values:
+      if not is_number(value) or value <= 0:
+        fail(f'eval.{field}', value, 'must be a finite number > 0 (1 = no epsilon scaling)')
+  options.check_config_options(ev, get_beta_schedule(config.diffusion.schedule,
+                                                     config.diffusion.num_timesteps))
+
+
+RUN_BLOCKS = ('model', 'data', 'diffusion', 'training')
+
+
+def check_run_config(raw: Any, path: str) -> ml_collections.ConfigDict:
+  """The parsed config.json `raw` of a run as a ConfigDict, or ConfigError saying what
+  about the file `path` is wrong (not a run config, or one that builds no network)."""
+  if not isinstance(raw, dict):
+    raise ConfigError(f'{path}: not a run config (a JSON {type(raw).__name__}, not an object)')
+  missing = [b for b in RUN_BLOCKS if not isinstance(raw.get(b), dict)]
+  if missing:
+    raise ConfigError(f'{path}: not a run config (no {", ".join(missing)} block)')
+  config = ml_collections.ConfigDict(raw)
+  try:
+    validate_model(config)
+    rates = config.training.ema_rates
+    if not _is_sequence(rates) or not rates:
+      fail('training.ema_rates', rates, 'must be a non-empty list')
+  except (ConfigError, KeyError, AttributeError, TypeError) as e:
+    raise ConfigError(f'{path}: not a usable run config: {e}') from None
+  return config

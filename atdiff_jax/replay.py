@@ -11,14 +11,16 @@ code: XLA fuses across passes, but compiles K copies of the forward/backward) or
 into one `lax.fori_loop` (one copy: about K times less to compile). On XLA:CPU the rolled
 loop ran the U-Net's forward/backward about 20 times slower (8.1 s against 0.44 s per
 quickstart step); GPU and TPU run while loops natively. `config.adv.replay_loop` picks
-one ('auto': unrolled on CPU, rolled elsewhere, see `resolve_loop`). Both compute the same
-passes; their float rounding may differ.
+one ('auto': unrolled on CPU, rolled elsewhere and for more than
+config.MAX_UNROLLED_PASSES passes, see `resolve_loop`). Both compute the same passes; their
+float rounding may differ.
 
 `update(state, grads, aux) -> (state, skipped)` makes one optimizer update (or skips it,
 `skipped` a bool); the replays count the skipped ones.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -26,10 +28,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from atdiff_jax import adversarial
-from atdiff_jax.config import ADV_REPLAY_LOOPS
+from atdiff_jax.config import ADV_REPLAY_LOOPS, MAX_UNROLLED_PASSES
 from atdiff_jax.parallel import AXIS
 from atdiff_jax.train_state import TrainState
 
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any, jax.Array | None, jax.Array], tuple[jax.Array, dict]]
 UpdateFn = Callable[[TrainState, Any, dict], tuple[TrainState, jax.Array]]
@@ -44,13 +48,19 @@ class ReplayOutput(NamedTuple):
   skipped: jax.Array          # updates skipped (non-finite), int32
 
 
-def resolve_loop(loop: str, backend: str | None = None) -> str:
-  """'unrolled' or 'rolled' for `loop` ('auto' decides by the backend: CPU unrolled)."""
+def resolve_loop(loop: str, backend: str | None = None, passes: int = 1) -> str:
+  """'unrolled' or 'rolled' for `loop` of `passes` passes ('auto' decides by the backend,
+  CPU unrolled, but rolls more than MAX_UNROLLED_PASSES passes, and says so)."""
   if loop not in ADV_REPLAY_LOOPS:
     raise ValueError(f'replay loop must be one of {", ".join(ADV_REPLAY_LOOPS)}, got {loop!r}')
   if loop != 'auto':
     return loop
   backend = jax.default_backend() if backend is None else backend
+  if backend == 'cpu' and passes > MAX_UNROLLED_PASSES:
+    log.warning('%d passes per minibatch: a rolled loop (adv.replay_loop=auto unrolls at most '
+                '%d; unrolled, the step would compile one copy per pass).', passes,
+                MAX_UNROLLED_PASSES)
+    return 'rolled'
   return 'unrolled' if backend == 'cpu' else 'rolled'
 
 

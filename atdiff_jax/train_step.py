@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from atdiff_jax import adversarial, parallel, replay
-from atdiff_jax.config import image_shape
+from atdiff_jax.config import image_shape, replay_passes
 from atdiff_jax.objectives import Objective, get_objective
 from atdiff_jax.models import create_model, init_params
 from atdiff_jax.parallel import AXIS
@@ -72,6 +72,13 @@ def make_init_fn(config: ml_collections.ConfigDict, parts: TrainParts):
   return init
 
 
+def abstract_state(config: ml_collections.ConfigDict, parts: TrainParts):
+  """The TrainState's shapes and dtypes. The key is made inside the trace: one made outside
+  would compile a seeding program, before a bad checkpoint or config could be reported."""
+  init = make_init_fn(config, parts)
+  return jax.eval_shape(lambda: init(jax.random.key(0)))
+
+
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainParts):
   """A freshly initialised state, replicated over the mesh."""
   return jax.jit(make_init_fn(config, parts), out_shardings=parallel.replicated(mesh))(
@@ -89,7 +96,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainP
   adv = config.adv
   ball = adversarial.BallSpec.from_config(adv, shape)
   sigma_radius = adv.get('radius_schedule', 'constant') == 'sigma'
-  loop = replay.resolve_loop(adv.get('replay_loop', 'auto'), mesh.devices.flat[0].platform)
+  loop = replay.resolve_loop(adv.get('replay_loop', 'auto'), mesh.devices.flat[0].platform,
+                             replay_passes(config))
   ema_rates = tuple(config.training.ema_rates)
   max_update_ratio = float(config.training.max_update_ratio)
   nonfinite_limit = int(config.training.stop_after_nonfinite)

@@ -168,9 +168,14 @@ def test_rolled_loop_runs_the_same_passes_as_unrolled(method):
   conftest.assert_trees_equal(rolled, unrolled, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_loop_unrolls_on_cpu_only():
+def test_auto_loop_unrolls_on_cpu_only(caplog):
   assert replay.resolve_loop('auto', 'cpu') == 'unrolled'
   assert replay.resolve_loop('auto', 'gpu') == replay.resolve_loop('auto', 'tpu') == 'rolled'
   assert replay.resolve_loop('rolled', 'cpu') == 'rolled'
   with pytest.raises(ValueError, match='replay loop'):
     replay.resolve_loop('scan')
+  # K = 10000 unrolled would compile for hours: auto rolls it, and says so.
+  assert replay.resolve_loop('auto', 'cpu', 16) == 'unrolled'
+  with caplog.at_level('WARNING'):
+    assert replay.resolve_loop('auto', 'cpu', 10_000) == 'rolled'
+  assert '10000 passes per minibatch: a rolled loop' in caplog.text

@@ -207,7 +207,8 @@ def bench_train(config: ml_collections.ConfigDict,
     starts.append(start)
     rows.append({
         'name': variant.name, 'method': variant.method, 'k': variant.steps,
-        'loop': resolve_loop(c.adv.replay_loop, mesh.devices.flat[0].platform),
+        'loop': resolve_loop(c.adv.replay_loop, mesh.devices.flat[0].platform,
+                              config_lib.replay_passes(c)),
         'remat': c.model.remat, 'passes_per_call': variant.passes,
         'updates_per_call': updates_per_minibatch(c), 'compile_s': compile_s,
         'xla_flops_per_call': common.compiled_flops(compiled),

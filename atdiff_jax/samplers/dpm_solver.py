@@ -70,6 +70,27 @@ class DiscreteVPSchedule:
     return np.asarray(t, np.float64) * self.num_timesteps - 1.0
 
 
+def time_range(schedule: DiscreteVPSchedule, t_start: float | None = None,
+               t_end: float | None = None) -> tuple[float, float]:
+  """(t_start, t_end), empty ones at their defaults 1 and 1/T; ValueError when the
+  solver cannot run from one to the other on this schedule."""
+  default_end = 1.0 / schedule.num_timesteps
+  start = 1.0 if t_start is None else float(t_start)
+  end = default_end if t_end is None else float(t_end)
+  if not 0.0 < end:
+    raise ValueError(f't_end={end}: must be > 0')
+  if not end < start:
+    if t_start is None:
+      raise ValueError(f't_end={end}: must be below t_start={start} (its default)')
+    raise ValueError(f't_start={start}: must be above t_end={end}'
+                     f'{" (its default, 1/T)" if t_end is None else ""}')
+  if schedule.log_alpha(end) >= 0.0:
+    raise ValueError(f't_end={end}: is below the first noise level of this schedule (the '
+                     f'linear extrapolation below 1/T={default_end} reaches alpha >= 1); use '
+                     'a larger t_end')
+  return start, end
+
+
 def time_steps(schedule: DiscreteVPSchedule, skip_type: str, t_start: float, t_end: float,
                num_steps: int) -> np.ndarray:
   """The num_steps + 1 times from t_start down to t_end."""
@@ -161,14 +182,7 @@ def sample_dpm_solver_pp(model_fn: common.ModelFn,
   y = common.check_labels(y, shape[0])
   num_steps = common.check_num_steps(num_steps)
   schedule = DiscreteVPSchedule(betas)
-  t_start = 1.0 if t_start is None else float(t_start)
-  t_end = 1.0 / schedule.num_timesteps if t_end is None else float(t_end)
-  if not 0.0 < t_end < t_start:
-    raise ValueError(f'need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}.')
-  if schedule.log_alpha(t_end) >= 0.0:
-    raise ValueError(f't_end={t_end} is below the first noise level of this schedule (the '
-                     f'linear extrapolation below 1/T={1.0 / schedule.num_timesteps} reaches '
-                     f'alpha >= 1); use a larger t_end.')
+  t_start, t_end = time_range(schedule, t_start, t_end)
   ts = time_steps(schedule, skip_type, t_start, t_end, num_steps)
   lams = schedule.log_snr_half(ts)
   alphas, sigmas = schedule.alpha(ts), schedule.sigma(ts)

@@ -6,20 +6,15 @@ compile and no traceback from inside a traced sampler.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 from atdiff_jax.config import ConfigError
+from atdiff_jax.config import _is_number as _number  # pylint: disable=protected-access
 from atdiff_jax.samplers import dpm_solver
 
 
 def _bool(value) -> str | None:
   return None if isinstance(value, bool) else 'must be true or false'
-
-
-def _number(value) -> bool:
-  return (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value))
 
 
 def _non_negative(value) -> str | None:
@@ -82,10 +77,11 @@ def check_options(sampler: str, options: dict[str, Any]) -> None:
     raise ValueError(f't_end={t_end!r}: must be below t_start={t_start!r}')
 
 
-def check_config_options(eval_config) -> None:
+def check_config_options(eval_config, betas=None) -> None:
   """Every block of `config.eval.sampler_options`; raises ConfigError naming
   'config.eval.sampler_options.<sampler key>.<option>=<value>: ...' (the key of
-  'dpm_solver++' is 'dpm_solver_pp')."""
+  'dpm_solver++' is 'dpm_solver_pp'). With the run's `betas`, DPM-Solver++'s time range is
+  checked on its schedule too (empty ends take their defaults)."""
   blocks = eval_config.get('sampler_options') or {}
   names = {name.replace('++', '_pp'): name for name in OPTIONS}
   where = 'config.eval.sampler_options'
@@ -95,5 +91,8 @@ def check_config_options(eval_config) -> None:
     options = options.to_dict() if hasattr(options, 'to_dict') else dict(options)
     try:
       check_options(names[key], options)
+      if names[key] == 'dpm_solver++' and betas is not None:
+        dpm_solver.time_range(dpm_solver.DiscreteVPSchedule(betas), options.get('t_start'),
+                              options.get('t_end'))
     except ValueError as e:
       raise ConfigError(f'{where}.{key}.{e}') from None
