@@ -96,7 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   adv.target = 'delta_detach'    # original | delta | delta_detach
   adv.t_range = (0, -1)          # perturb timesteps t_min <= t <= t_max; -1 = the last one
   # How the K passes compile: unrolled (K copies, fastest on CPU) | rolled (one loop body,
-  # ~K times less compile time) | auto (unrolled on CPU, rolled on GPU and TPU).
+  # ~K times less compile time) | auto (unrolled on CPU, rolled on GPU and TPU and past 16
+  # passes).
   adv.replay_loop = 'auto'
 
   # DDPM-IP baseline: x_t built from eps + gamma * xi while the target stays eps.
