@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from atdiff_jax.config import ConfigError
-from atdiff_jax.config import _is_number as _number  # pylint: disable=protected-access
+from atdiff_jax.config import is_number as _number
 from atdiff_jax.samplers import dpm_solver
 
 
