@@ -176,9 +176,26 @@ class Checkpointer:
           **{name: restored[renamed.get(name, name)] for name in fields},
           **{name: _zeros(getattr(abstract_state, name)) for name in added})
     except Exception as e:  # Orbax raises many types; name the checkpoint either way.
-      raise CheckpointError(
-          f'cannot restore checkpoint step {step} from {self.directory}: {e}. '
-          'Is it from a run with another model config? Nothing was changed on disk.') from e
+      why = _restore_problem(os.path.join(self.directory, str(step)),
+                             getattr(abstract_state, 'params', None), e)
+      raise self._unrestorable(step, why) from e
+
+  def _unrestorable(self, step: int, why: str) -> CheckpointError:
+    return CheckpointError(f'cannot restore checkpoint step {step} from {self.directory}: '
+                           f'{why}. It was kept as it was (nothing on disk changed).')
+
+  def check_resumable(self) -> None:
+    """Raises restore_newest_intact's error, without a network built to restore into, when
+    no checkpoint's metadata reads (none could restore)."""
+    latest = None
+    for step in reversed(self.all_steps()):
+      try:
+        _tree_metadata(os.path.join(self.directory, str(step), _ITEM))
+        return
+      except CheckpointError as e:
+        latest = latest or (step, e)
+    if latest:
+      raise self._unrestorable(latest[0], f'the checkpoint is damaged: {latest[1]}')
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -302,10 +319,62 @@ def _folder_bytes(path: str) -> int:
              for root, _, names in os.walk(path) for name in names)
 
 
+class _Quiet:
+  """Orbax's warnings (through absl) off while it probes a folder: a missing or garbled
+  metadata file is reported once, as a CheckpointError, not as log lines."""
+
+  def __enter__(self):
+    self._logger = logging.getLogger('absl')
+    self._level = self._logger.level
+    self._logger.setLevel(logging.ERROR)
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
+
+
 def _tree_metadata(item_dir: str) -> dict:
-  """The stored tree's structure (dicts of array metadata) of a checkpoint item folder."""
-  metadata = ocp.StandardCheckpointer().metadata(item_dir)
-  return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  """The stored tree's structure (dicts of array metadata) of a checkpoint item folder;
+  CheckpointError when it cannot be read (a damaged checkpoint)."""
+  # Orbax's JSON files are parsed here first, to name the one that does not parse.
+  for path in (os.path.join(item_dir, '_METADATA'),
+               os.path.join(os.path.dirname(item_dir), '_CHECKPOINT_METADATA')):
+    if os.path.isfile(path):
+      try:
+        with open(path) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        raise CheckpointError(f'its metadata cannot be read ({os.path.basename(path)}: '
+                              f'{" ".join(str(e).split())})') from e
+  try:
+    with _Quiet(), ocp.StandardCheckpointer() as reader:
+      metadata = reader.metadata(item_dir)
+  except Exception as e:  # Orbax raises many types
+    raise CheckpointError(f'its metadata cannot be read ({" ".join(str(e).split())})') from e
+  if hasattr(metadata, 'item_metadata'):  # None when the metadata files do not parse
+    metadata = getattr(metadata.item_metadata, 'tree', None)
+  if not isinstance(metadata, dict):
+    raise CheckpointError('its metadata is missing or cannot be read')
+  return metadata
+
+
+def _restore_problem(step_dir: str, abstract_params: Any, error: Exception) -> str:
+  """Why a checkpoint did not restore: damaged (unreadable metadata or data) or another
+  network (the stored params' shapes differ from `abstract_params`)."""
+  try:
+    stored = _tree_metadata(os.path.join(step_dir, _ITEM))
+  except CheckpointError as e:
+    return f'the checkpoint is damaged: {e}'
+  if abstract_params is not None and 'params' in stored:
+    shapes = lambda tree: {jax.tree_util.keystr(path): tuple(getattr(leaf, 'shape', ()))
+                           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    there, here = shapes(stored['params']), shapes(abstract_params)
+    for key in sorted(set(there) | set(here)):
+      if there.get(key) != here.get(key):
+        return (f'it holds another network (params{key}: {there.get(key, "absent")} there, '
+                f'{here.get(key, "absent")} in this config); is it from a run with another '
+                'model config?')
+  reason = ' '.join(str(error).split()).split('. ')[0]  # Orbax's first sentence says it
+  return f'the checkpoint is damaged: its arrays cannot be read ({reason})'
 
 
 def find_checkpoint(path: str) -> str:
@@ -323,9 +392,18 @@ def find_checkpoint(path: str) -> str:
   raise CheckpointError(f'no checkpoint found under {path} (expected {CHECKPOINT_DIR}/<step>/)')
 
 
-def _restore_trees(step_dir: str, target: dict, what: str) -> dict:
+def usable_checkpoint(path: str) -> str:
+  """`find_checkpoint`, and its metadata reads: a damaged checkpoint is named before a
+  network is built for it."""
+  step_dir = find_checkpoint(path)
+  _num_saved_ema(step_dir)
+  return step_dir
+
+
+def _restore_trees(step_dir: str, target: dict, what: str, params: Any) -> dict:
   """The trees of `target` (abstract leaves; ocp.PLACEHOLDER skips one) from a checkpoint
-  step folder, read-only: the one way weights are read out of another run."""
+  step folder, read-only: the one way weights are read out of another run. `params`: the
+  abstract params, to tell another network from a damaged checkpoint."""
   item_dir = os.path.join(step_dir, _ITEM)
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
@@ -334,16 +412,17 @@ def _restore_trees(step_dir: str, target: dict, what: str) -> dict:
               item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
               partial_restore=True))
   except Exception as e:  # Orbax raises many types; name the checkpoint either way.
-    reason = ' '.join(str(e).split()).split('. ')[0]  # Orbax's first sentence says it
-    raise CheckpointError(f'cannot load {what} from {step_dir}: {reason}. Does the config '
-                          'describe the model of that run?') from e
+    raise CheckpointError(f'cannot load {what} from {step_dir}: '
+                          f'{_restore_problem(step_dir, params, e)}. It was left as it '
+                          'was.') from e
 
 
 def _num_saved_ema(step_dir: str) -> int:
   try:
     return len(_tree_metadata(os.path.join(step_dir, _ITEM))['ema_params'])
-  except Exception as e:
-    raise CheckpointError(f'cannot read the checkpoint in {step_dir}: {e}') from e
+  except (CheckpointError, KeyError, TypeError) as e:
+    raise CheckpointError(f'cannot read the checkpoint in {step_dir}: the checkpoint is '
+                          f'damaged: {e}. It was left as it was.') from e
 
 
 def restore_weights(path: str, abstract_params: Any, abstract_ema: tuple) -> tuple[Any, tuple]:
@@ -357,7 +436,7 @@ def restore_weights(path: str, abstract_params: Any, abstract_ema: tuple) -> tup
       'params': _abstract(abstract_params),
       'ema_params': [_abstract(abstract_params)] * _num_saved_ema(step_dir),
   }
-  restored = _restore_trees(step_dir, target, 'weights')
+  restored = _restore_trees(step_dir, target, 'weights', target['params'])
   saved_ema = list(restored['ema_params'])
   ema = tuple(saved_ema[min(i, len(saved_ema) - 1)] for i in range(len(abstract_ema)))
   return restored['params'], ema
@@ -368,7 +447,8 @@ def restore_params(step_dir: str, abstract_params: Any, ema_index: int | None = 
   with None the training params. The other trees are not read."""
   abstract_params = _abstract(abstract_params)
   if ema_index is None:
-    return _restore_trees(step_dir, {'params': abstract_params}, 'params')['params']
+    return _restore_trees(step_dir, {'params': abstract_params}, 'params',
+                          abstract_params)['params']
   skip = jax.tree.map(lambda _: ocp.PLACEHOLDER, abstract_params)
   num_ema = _num_saved_ema(step_dir)
   if not 0 <= ema_index < num_ema:
@@ -376,7 +456,8 @@ def restore_params(step_dir: str, abstract_params: Any, ema_index: int | None = 
                           f'{ema_index}')
   target = {'ema_params': [abstract_params if i == ema_index else skip
                            for i in range(num_ema)]}
-  return _restore_trees(step_dir, target, 'ema_params')['ema_params'][ema_index]
+  return _restore_trees(step_dir, target, 'ema_params',
+                        abstract_params)['ema_params'][ema_index]
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -388,7 +469,10 @@ def check_same_network(config: ml_collections.ConfigDict, source: str, field: st
                        why: str) -> None:
   """Raises ConfigError when the run `source` (given as config.<field>) has another network
   or noise process than `config` (dropout may differ), naming the first differing field."""
-  theirs = load_config(source)
+  try:
+    theirs = load_config(source)
+  except (CheckpointError, config_lib.ConfigError) as e:
+    raise type(e)(f'config.{field}={source!r}: {e}') from None
   _raise_differences(config, theirs, config_lib.network_differences(
       config, theirs, ignore=('dropout',)), f'config.{field}={source!r}', why)
 
@@ -428,8 +512,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise CheckpointError(f'{path} not found: is {workdir} a training workdir?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+    raise CheckpointError(f'{path} cannot be read: {" ".join(str(e).split())}') from None
+  return config_lib.check_run_config(raw, path)
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -460,13 +548,19 @@ def check_source_run(config: ml_collections.ConfigDict, source: str, field: str,
   if not os.path.isdir(source):
     raise config_lib.ConfigError(f'config.{field}={source!r}: no such directory (expected '
                                  'the workdir of a run)')
-  theirs = load_config(source)
+  try:
+    theirs = load_config(source)
+  except (CheckpointError, config_lib.ConfigError) as e:
+    raise type(e)(f'config.{field}={source!r}: {e}') from None
   if objective is not None and config_lib.objective_of(theirs) != objective:
     raise config_lib.ConfigError(
         f'config.{field}={source!r}: the run there trains '
         f'objective={config_lib.objective_of(theirs)!r}; it must be a {objective} run')
   check_same_network(config, source, field, why)
-  find_checkpoint(source)  # CheckpointError when it holds none
+  try:  # none, or a damaged one: said before anything is built for it
+    usable_checkpoint(source)
+  except CheckpointError as e:
+    raise CheckpointError(f'config.{field}={source!r}: {e}') from None
 
 
 def read_ema_params(source: str, abstract_params: Any, ema_index: int = 0) -> Any:

@@ -26,7 +26,7 @@ from atdiff_jax.objectives import check_frozen_sources
 from atdiff_jax.train_state import STOP_DIVERGED
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.samplers.options import check_config_options
-from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
+from atdiff_jax.train_step import (TrainParts, abstract_state, all_finite, create_train_state,
                                    make_train_step, num_params)
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _initial_state(config, mesh, parts: TrainParts, ckpt: checkpoint.Checkpointe
   """Resume from the workdir's latest checkpoint, else initialise, taking the weights of
   config.init_from (or the objective's default source, e.g. a distillation teacher)."""
   tx, objective = parts.tx, parts.objective
-  abstract = jax.eval_shape(make_init_fn(config, parts), jax.random.key(0))
+  abstract = abstract_state(config, parts)
   replicated = parallel.replicated(mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
@@ -216,6 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   ckpt = checkpoint.Checkpointer(workdir, config.training.keep_checkpoints)
   writer = profiler = None
   try:
+    ckpt.check_resumable()  # checkpoints that all fail are named before anything is built
     if config.init_from and ckpt.latest_step() is None:
       _check_init_from(config)
     parts = TrainParts.build(config)  # the one network, optimizer and objective of the run
@@ -328,7 +329,7 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
                                   'fine-tuning starts from its weights, so the networks and '
                                   'noise processes must match')
   try:
-    checkpoint.find_checkpoint(config.init_from)
+    checkpoint.usable_checkpoint(config.init_from)
   except checkpoint.CheckpointError as e:
     raise checkpoint.CheckpointError(f'config.init_from={config.init_from!r}: {e}') from e
 

@@ -28,7 +28,7 @@ from atdiff_jax.convert.errors import ConversionError
 from atdiff_jax.convert.state_dict import read_state_dict
 from atdiff_jax.models.unet import count_params
 from atdiff_jax.train_state import TrainState
-from atdiff_jax.train_step import TrainParts, make_init_fn
+from atdiff_jax.train_step import TrainParts, abstract_state
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def build_state(config: ml_collections.ConfigDict, params: Any) -> TrainState:
   state = jax.jit(lambda p: TrainState.create(p, parts.tx, num_ema,
                                               parts.objective.init_state(p)))(
       jax.tree.map(jnp.asarray, params))
-  expected = jax.eval_shape(make_init_fn(config, parts), jax.random.key(0))
+  expected = abstract_state(config, parts)
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
   if shapes(state) != shapes(expected):
     raise ConversionError('the imported params do not form the train state the config '

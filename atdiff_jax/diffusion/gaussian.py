@@ -95,7 +95,8 @@ class GaussianDiffusion:
         fixed_large_log_variance=np.log(fixed_large_variance),
     )
     return cls(num_timesteps=int(betas.shape[0]),
-               **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
+               # Cast on the host: a device-side cast compiles a program.
+               **{k: jnp.asarray(np.asarray(v, np.float32)) for k, v in tables.items()})
 
   def q_sample(self, x0: Array, t: Array, noise: Array) -> Array:
     """Samples x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""

@@ -164,7 +164,7 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
     eval_settings.validate_eval(base_config, 'sample', jax.device_count())
   base_record = None
   if base:
-    checkpoint.find_checkpoint(base)  # a missing base stops here
+    checkpoint.usable_checkpoint(base)  # a missing or damaged base stops here
   else:
     print(f'experiment: base run -> {base_dir}', flush=True)
     if base_rule is not None:
