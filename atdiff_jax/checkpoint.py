@@ -531,13 +531,13 @@ def step_folder(workdir: str, step: int | None) -> str:
   """Checkpoint `step` of the run in `workdir` (None: its latest), or CheckpointError naming
   the steps there."""
   if step is None:
-    return find_checkpoint(workdir)
+    return usable_checkpoint(workdir)
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   path = os.path.join(directory, str(step))
   if not os.path.isdir(path):
     raise CheckpointError(f'no checkpoint for step {step} in {directory} '
                           f'(steps there: {saved_steps(directory) or "none"})')
-  return path
+  return usable_checkpoint(path)
 
 
 def check_source_run(config: ml_collections.ConfigDict, source: str, field: str, why: str,

@@ -137,9 +137,9 @@ def evenly_spaced_timesteps(num_timesteps: int, count: int) -> list[int]:
 
 def probe_mode(workdir: str, override: ml_collections.ConfigDict | None = None) -> None:
   """`--mode=probe`: every probe of `config.probe.run` on one checkpoint, into RUN/probe/."""
-  run = run_lib.open_run(workdir, override, 'sample')
+  run = run_lib.open_run(workdir, override, 'probe',
+                         check=lambda config: validate_probe(config, int(config.eval.nfe)))
   config, ev, probe = run.config, run.config.eval, run.config.probe
-  validate_probe(config, int(ev.nfe))
   out_dir = os.path.join(run.workdir, PROBE_DIR)
   is_main = jax.process_index() == 0
   if is_main:

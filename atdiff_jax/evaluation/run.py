@@ -173,10 +173,17 @@ def load_run(workdir: str, step: int | None = None, use_ema: bool = True, ema_in
              use_ema=use_ema, ema_index=ema_index)
 
 
-def open_run(workdir: str, override: ml_collections.ConfigDict | None, mode: str) -> Run:
-  """The command line's way in: resolve and check the config, then `load_run`."""
+def open_run(workdir: str, override: ml_collections.ConfigDict | None, mode: str,
+             check: Callable[[ml_collections.ConfigDict], None] | None = None) -> Run:
+  """The command line's way in: resolve and check the config (and with `check`, what else
+  the mode needs), the files it reads and writes, then `load_run`. `mode`: sample, eval or
+  probe (which samples with the config.eval.sampler setting)."""
   config = eval_settings.resolve_config(workdir, override)
-  eval_settings.validate_eval(config, mode, jax.device_count())
+  eval_settings.validate_eval(config, 'sample' if mode == 'probe' else mode,
+                              jax.device_count())
+  if check is not None:
+    check(config)
+  eval_settings.check_files(workdir, config, mode)
   ev = config.eval
   return load_run(workdir, None if ev.step == -1 else ev.step, bool(ev.use_ema),
                   int(ev.ema_index), config=config)

@@ -3,17 +3,17 @@ evaluation command runs with, and its checks, made before anything loads or comp
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 
-from atdiff_jax import checkpoint, samplers
+from atdiff_jax import checkpoint
 from atdiff_jax import config as config_lib
 from atdiff_jax.diffusion import betas_of
 from atdiff_jax.models import inception
-from atdiff_jax.samplers import options as sampler_options_lib
 from atdiff_jax.views import view_of
 
 
@@ -65,20 +65,9 @@ def _fail(field: str, value: Any, why: str) -> None:
   config_lib.fail(f'eval.{field}', value, why)
 
 
-def _check_sampler(field: str, name: Any, ev: ml_collections.ConfigDict) -> None:
-  """A known sampler, and options (config.eval.sampler_options) it can use."""
-  if name not in samplers.SAMPLERS:
-    _fail(field, name, f'must be one of {", ".join(samplers.SAMPLERS)}')
-  sampler_options_lib.check_config_options(ev)
-
-
 def _check_nfe(field: str, nfe: Any, num_timesteps: int) -> None:
   if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= num_timesteps:
     _fail(field, nfe, f'must be an integer in 1..{num_timesteps} (diffusion.num_timesteps)')
-
-
-def _check_eps_scale(field: str, value: Any) -> None:
-  config_lib.check_number(f'eval.{field}', value)  # 1 = no epsilon scaling
 
 
 def _check_consistency_times(config: ml_collections.ConfigDict, nfes: tuple[int, ...]) -> None:
@@ -112,7 +101,9 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
   if 'eval' not in config:
     raise config_lib.ConfigError('config.eval is missing')
   config_lib.validate_model(config)
+  config_lib.validate_eval_choices(config)  # samplers, their options, epsilon scales
   ev = config.eval
+  config_lib.check_seed('eval.seed', ev.seed)
   num_timesteps = config.diffusion.num_timesteps
   for field in ('batch_size', 'num_samples'):
     value = ev[field]
@@ -128,9 +119,7 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
     _fail('ema_index', ev.ema_index, f'the run keeps {num_ema} EMA trees '
           f'(training.ema_rates={tuple(config.training.ema_rates)})')
   if mode == 'sample':
-    _check_sampler('sampler', ev.sampler, ev)
     _check_nfe('nfe', ev.nfe, num_timesteps)
-    _check_eps_scale('eps_scale', ev.eps_scale)
     if ev.sampler == 'consistency':
       _check_consistency_times(config, (ev.nfe,))
     return
@@ -139,12 +128,8 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
   for field in ('samplers', 'nfes', 'eps_scales'):
     if not tuple(ev[field]):
       _fail(field, ev[field], 'must not be empty')
-  for name in ev.samplers:
-    _check_sampler('samplers', name, ev)
   for nfe in ev.nfes:
     _check_nfe('nfes', nfe, num_timesteps)
-  for value in ev.eps_scales:
-    _check_eps_scale('eps_scales', value)
   if 'consistency' in ev.samplers:
     _check_consistency_times(config, tuple(ev.nfes))
   if ev.inception_weights and not os.path.isfile(ev.inception_weights):
@@ -158,3 +143,87 @@ def validate_eval(config: ml_collections.ConfigDict, mode: str, num_devices: int
   if ev.ref_stats and not os.path.isfile(ev.ref_stats):
     _fail('ref_stats', ev.ref_stats, 'no such file (leave it empty to compute the reference '
           'statistics from config.data)')
+
+
+# Files found readable in this process, by (path, size, mtime): an experiment opens many
+# runs with the same weights.
+_READABLE: set[tuple] = set()
+
+
+def _check_readable(field: str, path: str, read: Callable[[str], Any]) -> None:
+  """`read(path)` works: a garbled file is one line now, not a traceback after sampling."""
+  key = None
+  if os.path.isfile(path):
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+  if key in _READABLE:
+    return
+  try:
+    read(path)
+  except Exception as e:  # the user's file: whatever it raises, name it
+    _fail(field, path, f'cannot be read: {" ".join(str(e).split())}')
+  _READABLE.add(key)
+
+
+def _check_reference(path: str) -> None:
+  from atdiff_jax.metrics.fid import load_stats  # pylint: disable=g-import-not-at-top
+  stats = load_stats(path)
+  dim = stats.mu.shape[0] if stats.mu.ndim == 1 else None
+  if dim is None or stats.sigma.shape != (dim, dim):
+    raise ValueError(f'mu {stats.mu.shape} and sigma {stats.sigma.shape} are not a mean and '
+                     'its covariance')
+  if not (np.all(np.isfinite(stats.mu)) and np.all(np.isfinite(stats.sigma))):
+    raise ValueError('mu or sigma holds non-finite values')
+
+
+def _json_object(path: str, key: str | None = None) -> None:
+  """ValueError unless `path` holds a JSON object (with a list under `key`)."""
+  with open(path) as f:
+    value = json.load(f)
+  if not isinstance(value, dict):
+    raise ValueError('not a JSON object')
+  if key is not None and not isinstance(value.get(key), list):
+    raise ValueError(f'no list of {key}')
+
+
+def _check_out_dir(what: str, path: str, resume_file: str | None = None,
+                   key: str | None = None) -> None:
+  """`path` is, or can become, a folder, and the file through which a restart resumes there
+  (if any) reads: one line now, not after the checkpoint is loaded or the first cell ran."""
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise config_lib.ConfigError(f'{what}: cannot be a folder: {parent} is a file')
+  resume = os.path.join(path, resume_file or '')
+  if resume_file and os.path.exists(resume):
+    try:
+      _json_object(resume, key)
+    except (OSError, ValueError) as e:
+      raise config_lib.ConfigError(
+          f'{what}: {resume} cannot be read ({" ".join(str(e).split())}); move it away (the '
+          'results there are kept) or choose another folder') from None
+
+
+def check_files(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
+  """What `mode` reads and writes besides the checkpoint: weights and reference files
+  that parse, an output folder that can be one, and a resume file that reads."""
+  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.evaluation import probe, report, sweep
+  from atdiff_jax.evaluation.generate import META_FILE, default_out_dir
+  ev = config.eval
+  if mode == 'sample':
+    out_dir = ev.out_dir or default_out_dir(workdir, ev.sampler, ev.nfe, ev.eps_scale)
+    what = f'config.eval.out_dir={ev.out_dir!r}' if ev.out_dir else out_dir
+    _check_out_dir(what, out_dir, META_FILE)
+    return
+  if mode == 'eval':
+    out_dir = os.path.join(workdir, sweep.EVAL_DIR)
+    _check_out_dir(out_dir, out_dir, report.RESULTS_JSON, 'rows')
+  else:
+    out_dir = os.path.join(workdir, probe.PROBE_DIR)
+    _check_out_dir(out_dir, out_dir)
+  if ev.ref_stats:
+    _check_readable('ref_stats', ev.ref_stats, _check_reference)
+  if ev.inception_weights:
+    _check_readable('inception_weights', ev.inception_weights, inception.load_inception_weights)
