@@ -21,39 +21,47 @@ from __future__ import annotations
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from atdiff_jax import command_line
+
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file; required for train, optional for the other modes.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'probe'], 'What to do.')
+    flag_values=FLAGS, lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.',
+                               flag_values=FLAGS)
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'probe'], 'What to do.',
+                          flag_values=FLAGS)
 # Multi-host (config.training.multi_host): on TPU pods, SLURM and Open MPI JAX finds these
 # itself; elsewhere give them (the coordinator also reads JAX_COORDINATOR_ADDRESS).
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
-flags.mark_flags_as_required(['workdir'])
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.',
+                                   flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.',
+                                      flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.',
+                                   flag_values=FLAGS)
+flags.mark_flags_as_required(['workdir'], flag_values=FLAGS)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every mistake in the command line as one ConfigError line."""
-  from atdiff_jax import command_line  # pylint: disable=g-import-not-at-top
-  command_line.check_argv(argv)
+def _join_cluster() -> None:
+  """jax.distributed.initialize, or one line saying why this process cannot join."""
+  import jax  # pylint: disable=g-import-not-at-top
+  given = [f'--{f.name}' for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+           if f.value is not None]
+  if given and len(given) < 3:  # JAX would wait for the missing ones
+    raise command_line.UsageError(
+        f'{", ".join(given)} given: --coordinator_address, --num_processes and --process_id '
+        'go together')
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise command_line.ConfigError(command_line.flag_error_line(e)) from None
-
-
-def _parse_or_exit(argv: list[str]) -> list[str]:
-  from atdiff_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  try:
-    return _parse_flags(argv)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (RuntimeError, ValueError) as e:
+    raise command_line.UsageError(
+        f'config.training.multi_host=True: cannot join a cluster: '
+        f'{" ".join(str(e).split()).rstrip(".")}. '
+        'Outside a TPU pod, SLURM or Open MPI give --coordinator_address, --num_processes '
+        'and --process_id') from None
 
 
 def run() -> int:
@@ -62,55 +70,38 @@ def run() -> int:
   good (non-finite values, divergence, a failed save)."""
   config = _CONFIG.value
   # Imports only (reading config.json touches no JAX backend).
-  from atdiff_jax import checkpoint, config as config_lib  # pylint: disable=g-import-not-at-top
+  from atdiff_jax import checkpoint  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S')
   for noisy in ('absl', 'jax._src', 'orbax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    if config is None and _MODE.value == 'train':
-      raise config_lib.ConfigError('--config is required for --mode=train')
-    run_config = config if config is not None else checkpoint.load_config(_WORKDIR.value)
-    if run_config.training.multi_host:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if config is None and _MODE.value == 'train':
+    raise command_line.UsageError('--config is required for --mode=train')
+  run_config = config if config is not None else checkpoint.load_config(_WORKDIR.value)
+  if run_config.training.multi_host:
+    _join_cluster()
 
-    # Imported after distributed initialisation: nothing may touch a JAX backend before it.
-    # pylint: disable=g-import-not-at-top
-    if _MODE.value == 'train':
-      from atdiff_jax import train
-      try:
-        train.train(config, _WORKDIR.value)
-      except (train.StopError, checkpoint.CheckpointWriteError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 3
-    else:
-      from atdiff_jax import evaluation
-      entry = {'sample': evaluation.sample_mode, 'eval': evaluation.eval_mode,
-               'probe': evaluation.probe_mode}[_MODE.value]
-      entry(_WORKDIR.value, config)
-  except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  # Imported after distributed initialisation: nothing may touch a JAX backend before it.
+  # pylint: disable=g-import-not-at-top
+  if _MODE.value == 'train':
+    from atdiff_jax import train
+    try:
+      train.train(config, _WORKDIR.value)
+    except (train.StopError, checkpoint.CheckpointWriteError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 3
+    return 0
+  from atdiff_jax import evaluation
+  entry = {'sample': evaluation.sample_mode, 'eval': evaluation.eval_mode,
+           'probe': evaluation.probe_mode}[_MODE.value]
+  entry(_WORKDIR.value, config)
   return 0
 
 
 def cli(argv: list[str]) -> int:
   """The whole command for `argv` (argv[0] is the program), in this process: for tests."""
-  from atdiff_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
-    delattr(flags.FLAGS, name)  # an earlier call's overrides; config_flags defines them anew
-  saved, sys.argv = sys.argv, list(argv)  # config_flags finds its overrides in sys.argv
-  try:
-    _parse_flags(list(argv))
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  finally:
-    sys.argv = saved
-  return run()
+  return command_line.run(FLAGS, run, argv, __doc__)
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: run(), flags_parser=_parse_or_exit)
+  command_line.main(FLAGS, run, __doc__)

@@ -12,77 +12,118 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from atdiff_jax import command_line
 
 PARTS = ('train', 'sample', 'inception', 'fid', 'sweep')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WHAT = flags.DEFINE_list('what', list(PARTS[:-1]), f'Parts to run, any of {", ".join(PARTS)}.')
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', flag_values=FLAGS,
+                                          lock_config=True)
+_WHAT = flags.DEFINE_list('what', list(PARTS[:-1]), f'Parts to run, any of {", ".join(PARTS)}.',
+                          flag_values=FLAGS)
 _SWEEP_RUNS = flags.DEFINE_integer('sweep_runs', 3, 'Checkpoints scored by the sweep part.',
-                                   lower_bound=2)
+                                   lower_bound=2, flag_values=FLAGS)
 _SWEEP_SAMPLES = flags.DEFINE_integer('sweep_samples', 256, 'Samples per cell of the sweep '
-                                      'part (its cells: config.eval).', lower_bound=2)
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.', lower_bound=1)
+                                      'part (its cells: config.eval).', lower_bound=2,
+                                      flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.', lower_bound=1,
+                              flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each variant before timing.',
-                               lower_bound=0)
+                               lower_bound=0, flag_values=FLAGS)
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds over all variants; the best counts.',
-                                lower_bound=1)
+                                lower_bound=1, flag_values=FLAGS)
 _VARIANTS = flags.DEFINE_string(
     'variants', 'none,free:3,pgd:1,pgd:3,fgsm',
     'AT variants of the train part, comma-separated: method[:K][@unrolled|@rolled]'
-    '[@remat=none|attention|blocks], e.g. free:3@rolled or none@remat=blocks.')
+    '[@remat=none|attention|blocks], e.g. free:3@rolled or none@remat=blocks.',
+    flag_values=FLAGS)
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device for the '
-                                  'MFU; 0: from a table of known devices.', lower_bound=0.0)
+                                  'MFU; 0: from a table of known devices.', lower_bound=0.0,
+                                  flag_values=FLAGS)
 _FID_SAMPLES = flags.DEFINE_integer('fid_samples', 10_000, 'Samples of the fid part.',
-                                    lower_bound=1)
-_FID_SAMPLER = flags.DEFINE_string('fid_sampler', 'dpm_solver++', 'Sampler of the fid part.')
+                                    lower_bound=1, flag_values=FLAGS)
+_FID_SAMPLER = flags.DEFINE_string('fid_sampler', 'dpm_solver++', 'Sampler of the fid part.',
+                                   flag_values=FLAGS)
 _SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim', 'dpm_solver++'],
-                              'Samplers of the sample part.')
-_NFE = flags.DEFINE_integer('nfe', 10, 'Model evaluations per sample.', lower_bound=1)
+                              'Samplers of the sample part.', flag_values=FLAGS)
+_NFE = flags.DEFINE_integer('nfe', 10, 'Model evaluations per sample.', lower_bound=1,
+                            flag_values=FLAGS)
 _INCEPTION_WEIGHTS = flags.DEFINE_string(
-    'inception_weights', '', 'Inception weights file; empty: random weights (same speed).')
+    'inception_weights', '', 'Inception weights file; empty: random weights (same speed).',
+    flag_values=FLAGS)
 _INCEPTION_BATCH = flags.DEFINE_integer(
     'inception_batch', 0, 'Inception batch; 0: the config\'s training batch size.',
-    lower_bound=0)
+    lower_bound=0, flag_values=FLAGS)
 _HEADER = flags.DEFINE_bool('header', True, 'Print the header (backend, versions, config); '
-                            '--noheader when appending to an earlier report.')
-_JSON = flags.DEFINE_string('json', '', 'Also write every number to this JSON file.')
-flags.mark_flags_as_required(['config'])
+                            '--noheader when appending to an earlier report.',
+                            flag_values=FLAGS)
+_JSON = flags.DEFINE_string('json', '', 'Also write every number to this JSON file.',
+                            flag_values=FLAGS)
+flags.mark_flags_as_required(['config'], flag_values=FLAGS)
 
 
 def _log(message: str) -> None:
   print(f'[bench] {message}', file=sys.stderr, flush=True)
 
 
-def main(argv):
-  del argv
+def _check(config, variants) -> None:
+  """Every part's input, before the first part measures anything: a bad one costs
+  seconds, not the parts before it."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from atdiff_jax import bench, config as config_lib
+  from atdiff_jax.models import inception
+  UsageError = command_line.UsageError  # pylint: disable=invalid-name
   unknown = set(_WHAT.value) - set(PARTS)
   if unknown:
-    raise app.UsageError(f'--what: unknown part(s) {", ".join(sorted(unknown))}; '
-                         f'allowed: {", ".join(PARTS)}')
+    raise UsageError(f'--what: unknown part(s) {", ".join(sorted(unknown))}; '
+                     f'allowed: {", ".join(PARTS)}')
+  unknown = set(_SAMPLERS.value + [_FID_SAMPLER.value]) - set(bench.SAMPLERS)
+  if unknown:
+    raise UsageError(f'--samplers: unknown {", ".join(sorted(unknown))}; '
+                     f'allowed: {", ".join(bench.SAMPLERS)}')
+  config_lib.validate_model(config)
+  if {'sample', 'fid'} & set(_WHAT.value) and _NFE.value > config.diffusion.num_timesteps:
+    raise UsageError(f'--nfe={_NFE.value} exceeds config.diffusion.num_timesteps='
+                     f'{config.diffusion.num_timesteps}')
+  if 'train' in _WHAT.value:
+    for variant in variants:
+      config_lib.validate_training(bench.variant_config(config, variant),
+                                   jax.device_count())
+  if _JSON.value:
+    folder = os.path.dirname(os.path.abspath(_JSON.value))
+    if os.path.isdir(_JSON.value) or not os.path.isdir(folder) or not os.access(folder,
+                                                                                 os.W_OK):
+      raise UsageError(f'--json={_JSON.value}: cannot be written (its folder {folder} must '
+                       'exist and be writable, and the path must not be a folder)')
+  if _INCEPTION_WEIGHTS.value and {'inception', 'fid'} & set(_WHAT.value):
+    try:
+      inception.load_inception_weights(_INCEPTION_WEIGHTS.value)
+    except (OSError, ValueError) as e:  # FileNotFoundError says how to make the file
+      raise UsageError(f'--inception_weights: {" ".join(str(e).split())}') from None
+
+
+def main() -> None:
   logging.getLogger('jax._src').setLevel(logging.WARNING)  # backend probing is noise here
   # Imported here so that flag errors cost no backend start-up.
   # pylint: disable=g-import-not-at-top
-  from atdiff_jax import bench, config as config_lib
+  from atdiff_jax import bench
   from atdiff_jax.writing import atomic_write
 
   config = _CONFIG.value
-  config_name = config_flags.get_config_filename(flags.FLAGS['config'])
-  steps, warmup, repeats = _STEPS.value, _WARMUP.value, _REPEATS.value
   try:
     variants = bench.parse_variants(_VARIANTS.value)
   except ValueError as e:
-    raise app.UsageError(f'--variants: {e}') from None
-  unknown = set(_SAMPLERS.value + [_FID_SAMPLER.value]) - set(bench.SAMPLERS)
-  if unknown:
-    raise app.UsageError(f'--samplers: unknown {", ".join(sorted(unknown))}; '
-                         f'allowed: {", ".join(bench.SAMPLERS)}')
-  if {'sample', 'fid'} & set(_WHAT.value) and _NFE.value > config.diffusion.num_timesteps:
-    raise app.UsageError(f'--nfe={_NFE.value} exceeds config.diffusion.num_timesteps='
-                         f'{config.diffusion.num_timesteps}')
+    raise command_line.UsageError(f'--variants: {e}') from None
+  _check(config, variants)
+  config_name = config_flags.get_config_filename(FLAGS['config'])
+  steps, warmup, repeats = _STEPS.value, _WARMUP.value, _REPEATS.value
 
   results = {'environment': bench.environment(config, config_name)}
   if _HEADER.value:
@@ -95,34 +136,35 @@ def main(argv):
     if _JSON.value:
       atomic_write(_JSON.value, json.dumps(results, indent=2))
 
-  try:
-    if 'train' in _WHAT.value:
-      result = bench.bench_train(config, variants, steps, warmup, repeats, log=_log,
-                                      peak_tflops=_PEAK_TFLOPS.value)
-      done('train', result, bench.format_train_table(result))
-    if 'sample' in _WHAT.value:
-      result = bench.bench_sample(config, _SAMPLERS.value, _NFE.value, steps, warmup,
-                                       repeats, log=_log)
-      done('sample', result, bench.format_sample_table(result))
-    if 'inception' in _WHAT.value:
-      result = bench.bench_inception(
-          _INCEPTION_BATCH.value or config.training.batch_size, steps, warmup, repeats,
-          _INCEPTION_WEIGHTS.value, log=_log)
-      done('inception', result, bench.format_inception_table(result))
-    if 'fid' in _WHAT.value:
-      result = bench.bench_fid_pipeline(
-          config, _FID_SAMPLES.value, _FID_SAMPLER.value, _NFE.value,
-          _INCEPTION_BATCH.value, _INCEPTION_WEIGHTS.value, log=_log)
-      done('fid', result, bench.format_fid_table(result))
-    if 'sweep' in _WHAT.value:
-      result = bench.bench_sweep(config, _SWEEP_RUNS.value, _SWEEP_SAMPLES.value, log=_log)
-      done('sweep', result, bench.format_sweep_table(result))
-  except config_lib.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if 'train' in _WHAT.value:
+    result = bench.bench_train(config, variants, steps, warmup, repeats, log=_log,
+                                    peak_tflops=_PEAK_TFLOPS.value)
+    done('train', result, bench.format_train_table(result))
+  if 'sample' in _WHAT.value:
+    result = bench.bench_sample(config, _SAMPLERS.value, _NFE.value, steps, warmup,
+                                     repeats, log=_log)
+    done('sample', result, bench.format_sample_table(result))
+  if 'inception' in _WHAT.value:
+    result = bench.bench_inception(
+        _INCEPTION_BATCH.value or config.training.batch_size, steps, warmup, repeats,
+        _INCEPTION_WEIGHTS.value, log=_log)
+    done('inception', result, bench.format_inception_table(result))
+  if 'fid' in _WHAT.value:
+    result = bench.bench_fid_pipeline(
+        config, _FID_SAMPLES.value, _FID_SAMPLER.value, _NFE.value,
+        _INCEPTION_BATCH.value, _INCEPTION_WEIGHTS.value, log=_log)
+    done('fid', result, bench.format_fid_table(result))
+  if 'sweep' in _WHAT.value:
+    result = bench.bench_sweep(config, _SWEEP_RUNS.value, _SWEEP_SAMPLES.value, log=_log)
+    done('sweep', result, bench.format_sweep_table(result))
   if _JSON.value:
     _log(f'wrote {_JSON.value}')
 
 
+def cli(argv: list[str]) -> int:
+  """The whole command for `argv` (argv[0] is the program), in this process: for tests."""
+  return command_line.run(FLAGS, main, argv, __doc__)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  command_line.main(FLAGS, main, __doc__)

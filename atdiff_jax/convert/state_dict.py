@@ -21,8 +21,12 @@ def read_state_dict(path: str) -> StateDict:
   if not os.path.isfile(path):
     raise ConversionError(f'{path}: no such file')
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as arrays:
-      return {key: _float32(arrays[key]) for key in arrays.files}
+    try:
+      with np.load(path, allow_pickle=False) as arrays:
+        return {key: _float32(arrays[key]) for key in arrays.files}
+    except Exception as e:  # not a zip, a bad CRC, object arrays: name the file either way
+      raise ConversionError(f'{path}: cannot be read as an .npz of arrays: '
+                            f'{" ".join(str(e).split()) or type(e).__name__}') from e
   return _read_torch(path)
 
 

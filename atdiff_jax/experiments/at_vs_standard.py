@@ -25,69 +25,77 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from atdiff_jax import command_line
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import regimes
 
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The base run\'s config file (model, data, eval metrics); for '
-    '--regime=cd, the distillation config.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the experiment\'s runs and reports go.')
+    '--regime=cd, the distillation config.', flag_values=FLAGS, lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the experiment\'s runs and reports go.',
+                               flag_values=FLAGS)
 _REGIME = flags.DEFINE_enum('regime', 'paper', list(regimes.REGIMES),
                             'Preset of arms, seeds, base and budget (experiments/regimes.py); '
-                            'the flags below override it.')
+                            'the flags below override it.', flag_values=FLAGS)
 _BASE = flags.DEFINE_string('base', '', 'A trained run of --config to fine-tune (or, for '
-                            '--regime=cd, distil) from; empty: train one into WORKDIR/base.')
+                            '--regime=cd, distil) from; empty: train one into WORKDIR/base.',
+                            flag_values=FLAGS)
 _ARMS = flags.DEFINE_list('arms', None, f'Arms, any of {", ".join(arms_lib.ARMS)}, base '
-                          f'(or, for --regime=cd, {", ".join(arms_lib.CM_ARMS)}).')
-_SEEDS = flags.DEFINE_list('seeds', None, 'Training seeds of the main arms.')
+                          f'(or, for --regime=cd, {", ".join(arms_lib.CM_ARMS)}).',
+                          flag_values=FLAGS)
+_SEEDS = flags.DEFINE_list('seeds', None, 'Training seeds of the main arms.', flag_values=FLAGS)
 _FEW_SEEDS = flags.DEFINE_integer('few_seeds', None, 'How many of --seeds the other arms '
-                                  'take.', lower_bound=1)
+                                  'take.', lower_bound=1, flag_values=FLAGS)
 _UPDATES = flags.DEFINE_integer('updates', None, 'Optimizer updates per fine-tuning run '
-                                '(instead of the regime\'s).', lower_bound=1)
+                                '(instead of the regime\'s).', lower_bound=1, flag_values=FLAGS)
 _UPDATES_RATIO = flags.DEFINE_float('updates_ratio', None, 'Fine-tuning updates as a '
-                                    'multiple of the base\'s.', lower_bound=0)
-_LR = flags.DEFINE_float('lr', None, 'Fine-tuning learning rate (no warm-up).', lower_bound=0)
+                                    'multiple of the base\'s.', lower_bound=0, flag_values=FLAGS)
+_LR = flags.DEFINE_float('lr', None, 'Fine-tuning learning rate (no warm-up).', lower_bound=0,
+                         flag_values=FLAGS)
 _BASE_CHECK_EVERY = flags.DEFINE_integer('base_check_every', None, 'Plateau rule: minibatches '
-                                         'between checks of the base.', lower_bound=1)
+                                         'between checks of the base.', lower_bound=1,
+                                         flag_values=FLAGS)
 _BASE_MAX = flags.DEFINE_integer('base_max', None, 'Plateau rule: the most minibatches of the '
-                                 'base.', lower_bound=1)
+                                 'base.', lower_bound=1, flag_values=FLAGS)
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 512, 'Samples per evaluation cell.',
-                                    lower_bound=1)
-_SAMPLERS = flags.DEFINE_list('samplers', None, 'Samplers of the sweep.')
-_NFES = flags.DEFINE_list('nfes', None, 'NFEs of the sweep.')
+                                    lower_bound=1, flag_values=FLAGS)
+_SAMPLERS = flags.DEFINE_list('samplers', None, 'Samplers of the sweep.', flag_values=FLAGS)
+_NFES = flags.DEFINE_list('nfes', None, 'NFEs of the sweep.', flag_values=FLAGS)
 _EVAL_SEED = flags.DEFINE_integer('eval_seed', 1000, 'Sampling seed of every evaluation '
-                                  '(the same for all arms; not a training seed).')
-_EVAL_BATCH = flags.DEFINE_integer('eval_batch', 256, 'Images per sampler call.', lower_bound=1)
-_PROBE = flags.DEFINE_string('probe', None, 'Mismatch probe sampler:NFE; empty: none.')
-flags.mark_flags_as_required(['config', 'workdir'])
+                                  '(the same for all arms; not a training seed).',
+                                  flag_values=FLAGS)
+_EVAL_BATCH = flags.DEFINE_integer('eval_batch', 256, 'Images per sampler call.', lower_bound=1,
+                                   flag_values=FLAGS)
+_PROBE = flags.DEFINE_string('probe', None, 'Mismatch probe sampler:NFE; empty: none.',
+                             flag_values=FLAGS)
+flags.mark_flags_as_required(['config', 'workdir'], flag_values=FLAGS)
 
 
 def _int_list(name: str, values: Sequence[str]) -> list[int]:
   try:
     return [int(v) for v in values]
   except ValueError:
-    raise app.UsageError(f'--{name}: integers expected, got {",".join(values)}') from None
+    raise command_line.UsageError(f'--{name}: integers expected, got {",".join(values)}'
+                                  ) from None
 
 
 def _given(flag, default):
   return default if flag.value is None else flag.value
 
 
-def main(argv):
-  del argv
+def main() -> None:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S')
   for noisy in ('absl', 'jax._src', 'orbax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   import dataclasses
-  from atdiff_jax import checkpoint
   from atdiff_jax.experiments import runner
   regime = regimes.REGIMES[_REGIME.value]
   probe_text = _given(_PROBE, regime.probe)
@@ -95,10 +103,12 @@ def main(argv):
   if probe_text:
     sampler, _, nfe = probe_text.partition(':')
     if not nfe.isdigit():
-      raise app.UsageError(f'--probe={probe_text!r}: expected sampler:NFE, e.g. ddim:10')
+      raise command_line.UsageError(f'--probe={probe_text!r}: expected sampler:NFE, e.g. '
+                                    'ddim:10')
     probe = (sampler, int(nfe))
   if regime.needs_base and not _BASE.value:
-    raise app.UsageError(f'--regime={_REGIME.value} needs --base=RUN (the DPM to start from)')
+    raise command_line.UsageError(f'--regime={_REGIME.value} needs --base=RUN (the DPM to '
+                                  'start from)')
   seeds = tuple(_int_list('seeds', _SEEDS.value) if _SEEDS.value else regime.seeds)
   updates, ratio = regime.updates, regime.updates_ratio
   if _UPDATES.value is not None:
@@ -112,31 +122,37 @@ def main(argv):
         max_minibatches=_given(_BASE_MAX, rule.max_minibatches))
   arm_names = tuple(_ARMS.value or regime.arms)
   _enable_compilation_cache(_WORKDIR.value)
-  try:
-    runner.run_experiment(
-        _CONFIG.value, _WORKDIR.value, base=_BASE.value, arm_names=arm_names, seeds=seeds,
-        seeds_by_arm=dataclasses.replace(regime, arms=arm_names).seeds_by_arm(
-            seeds, _given(_FEW_SEEDS, regime.few_seeds)),
-        updates=updates, updates_ratio=ratio, lr=_given(_LR, regime.lr),
-        samplers=tuple(_given(_SAMPLERS, regime.samplers)),
-        nfes=_int_list('nfes', _NFES.value) if _NFES.value else regime.nfes,
-        num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
-        eval_batch=_EVAL_BATCH.value, probe=probe, base_rule=rule,
-        known_arms=regime.known_arms, reference=regime.reference,
-        source_field=regime.source_field, title=regime.title)
-  except (ValueError, checkpoint.CheckpointError) as e:  # ConfigError, unknown arms, no base
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  runner.run_experiment(
+      _CONFIG.value, _WORKDIR.value, base=_BASE.value, arm_names=arm_names, seeds=seeds,
+      seeds_by_arm=dataclasses.replace(regime, arms=arm_names).seeds_by_arm(
+          seeds, _given(_FEW_SEEDS, regime.few_seeds)),
+      updates=updates, updates_ratio=ratio, lr=_given(_LR, regime.lr),
+      samplers=tuple(_given(_SAMPLERS, regime.samplers)),
+      nfes=_int_list('nfes', _NFES.value) if _NFES.value else regime.nfes,
+      num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
+      eval_batch=_EVAL_BATCH.value, probe=probe, base_rule=rule,
+      known_arms=regime.known_arms, reference=regime.reference,
+      source_field=regime.source_field, title=regime.title)
 
 
 def _enable_compilation_cache(workdir: str) -> None:
   """Every arm and seed compiles the same train step: a persistent cache (the user's, else
-  one in WORKDIR) makes all but the first a lookup."""
+  one in WORKDIR) makes all but the first a lookup. A cache set up already keeps its
+  settings."""
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+# Unknown arms and bad seed lists are the experiment library's ValueErrors: bad input too.
+_INPUT_ERRORS = (ValueError,)
+
+
+def cli(argv: list[str]) -> int:
+  """The whole command for `argv` (argv[0] is the program), in this process: for tests."""
+  return command_line.run(FLAGS, main, argv, __doc__, _INPUT_ERRORS)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command_line.main(FLAGS, main, __doc__, _INPUT_ERRORS)

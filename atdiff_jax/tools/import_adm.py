@@ -19,51 +19,54 @@ pip install -e '.[convert]') or an .npz of the same keys.
 from __future__ import annotations
 
 import logging
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from atdiff_jax import command_line
+
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The recipe whose data, training and eval blocks the run gets.',
-    lock_config=True)
-_INPUT = flags.DEFINE_string('input', None, 'The checkpoint: a .pt state dict, or an .npz.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run to write; must be new or empty.')
+    flag_values=FLAGS, lock_config=True)
+_INPUT = flags.DEFINE_string('input', None, 'The checkpoint: a .pt state dict, or an .npz.',
+                             flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run to write; must be new or empty.',
+                               flag_values=FLAGS)
 _GD_FLAGS = flags.DEFINE_string(
     'gd_flags', None, 'The checkpoint\'s guided-diffusion model and diffusion flags, as one '
-    'string ("--num_channels 192 --num_res_blocks 3 ...").')
+    'string ("--num_channels 192 --num_res_blocks 3 ...").', flag_values=FLAGS)
 _GD_DEFAULTS = flags.DEFINE_enum(
     'gd_defaults', 'guided', ['guided', 'improved'],
     'Whose defaults fill flags missing from --gd_flags: guided-diffusion\'s, or '
-    'improved-diffusion\'s (rescale_timesteps and rescale_learned_sigmas True).')
+    'improved-diffusion\'s (rescale_timesteps and rescale_learned_sigmas True).',
+    flag_values=FLAGS)
 _ATTENTION_ORDER = flags.DEFINE_enum(
     'attention_order', None, ['legacy', 'new'],
     'The checkpoint\'s attention order; required without --gd_flags (new: '
-    '--use_new_attention_order True; legacy: guided-diffusion\'s default, improved-diffusion).')
-flags.mark_flags_as_required(['input', 'config', 'workdir'])
+    '--use_new_attention_order True; legacy: guided-diffusion\'s default, improved-diffusion).',
+    flag_values=FLAGS)
+flags.mark_flags_as_required(['input', 'config', 'workdir'], flag_values=FLAGS)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+def main() -> None:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S')
   for noisy in ('absl', 'jax._src', 'orbax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  # pylint: disable=g-import-not-at-top
-  from atdiff_jax import checkpoint, config as config_lib
-  from atdiff_jax import convert
+  from atdiff_jax import convert  # pylint: disable=g-import-not-at-top
   # The --config.* fields given here win over the checkpoint's flags.
-  keep = {name[len('config.'):] for name in flags.FLAGS if name.startswith('config.')}
-  try:
-    options = (convert.parse_flags(_GD_FLAGS.value, _GD_DEFAULTS.value)
-               if _GD_FLAGS.value is not None else None)
-    convert.import_run(_INPUT.value, _WORKDIR.value, _CONFIG.value, options=options,
-                       attention_order=_ATTENTION_ORDER.value, keep=keep)
-  except (convert.ConversionError, config_lib.ConfigError, checkpoint.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  keep = {name[len('config.'):] for name in FLAGS if name.startswith('config.')}
+  options = (convert.parse_flags(_GD_FLAGS.value, _GD_DEFAULTS.value)
+             if _GD_FLAGS.value is not None else None)
+  convert.import_run(_INPUT.value, _WORKDIR.value, _CONFIG.value, options=options,
+                     attention_order=_ATTENTION_ORDER.value, keep=keep)
+
+
+def cli(argv: list[str]) -> int:
+  """The whole command for `argv` (argv[0] is the program), in this process: for tests."""
+  return command_line.run(FLAGS, main, argv, __doc__)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command_line.main(FLAGS, main, __doc__)
