@@ -7,6 +7,8 @@ one-level U-Net, a compilation cache shared by the runs). They are marked `fault
 """
 import copy
 import errno
+import importlib
+import json
 import os
 import random
 import re
@@ -25,7 +27,8 @@ import pytest
 from atdiff_jax import checkpoint, config as config_lib, data, main, train, train_step
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.train_state import STOP_DIVERGED, STOP_NONFINITE
-from atdiff_jax.train_step import (TrainParts, all_finite, create_train_state, make_init_fn,
+from atdiff_jax.train_step import (TrainParts, abstract_state, all_finite, create_train_state,
+                                   make_init_fn,
                                    make_train_step)
 from conftest import ToyDenoiser, assert_trees_equal, no_compiles, tiny_config
 
@@ -626,45 +629,400 @@ BAD_INPUTS = [
 ]
 
 
+# The classes of bad input a sweep of ~300 command lines over every command found ending in a
+# traceback, a hang, a page of usage or a misleading line, or accepted. {run} is a healthy
+# run of configs/quickstart.py, {damaged} / {truncated} copies whose only checkpoint has
+# garbled metadata / cut data files, {out} the test's own empty folder.
+Q, TINY_EVAL = QUICK, ['--config.eval.num_samples=8', '--config.eval.batch_size=8']
+SAMPLE, EVAL, PROBE = ['--mode=sample', '--workdir={run}'], ['--mode=eval', '--workdir={run}'], [
+    '--mode=probe', '--workdir={run}']
+CD = ['--config=configs/quickstart_cd.py']
+IMPORT = ['--config=configs/default.py', '--workdir={out}/imported', '--attention_order=new']
+EXPERIMENT = [*Q, '--workdir={out}/experiment', '--regime=short', '--base={run}']
+NEW_BAD_INPUTS = [
+    # Hangs: folders whose links loop, and K that would unroll for ever.
+    ('hang: folder linking to itself', 'main', [
+        *Q, '--config.data.name=folder', '--config.data.path={tmp}/loop_self'],
+     r'config\.data\.path: 1 of 3 images .* cannot be read'),
+    ('hang: folder with two loops', 'main', [
+        *Q, '--config.data.name=folder', '--config.data.path={tmp}/loop_two'],
+     r'config\.data\.path: 1 of 3 images .* cannot be read'),
+    ('hang: subfolder linking to its parent', 'main', [
+        *Q, '--config.data.name=folder', '--config.data.path={tmp}/loop_parent'],
+     r'config\.data\.path: 1 of 3 images .* cannot be read'),
+    ('hang: free K=10000 unrolled', 'main', [
+        *Q, '--config.adv.method=free', '--config.adv.steps=10000',
+        '--config.adv.replay_loop=unrolled'],
+     r"config\.adv\.replay_loop='unrolled': .*adv\.steps=10000 is more than 16; use rolled"),
+    ('hang: pgd K=100 unrolled', 'main', [
+        *Q, '--config.adv.method=pgd', '--config.adv.steps=100',
+        '--config.adv.replay_loop=unrolled'], r'adv\.steps=100 is more than 16'),
+    ('hang: bench free:10000 unrolled', 'bench', [
+        *Q, '--what=train', '--variants=free:10000@unrolled'], r'adv\.steps=10000 is more'),
+    ('hang: bench pgd:40 unrolled', 'bench', [
+        *Q, '--what=train', '--variants=none,pgd:40@unrolled'], r'adv\.steps=40 is more'),
+    # Tracebacks.
+    ('traceback: teacher config.json not JSON', 'main', [
+        *CD, '--config.teacher={tmp}/garbled_config'],
+     r"config\.teacher='.*garbled_config': .*config\.json cannot be read"),
+    ('traceback: teacher config.json a list', 'main', [
+        *CD, '--config.teacher={tmp}/list_config'],
+     r'config\.teacher=.*config\.json: not a run config \(a JSON list'),
+    ('traceback: init_from config.json without blocks', 'main', [
+        *Q, '--config.init_from={tmp}/no_blocks'],
+     r'config\.init_from=.*no_blocks.*: not a run config \(no model, data, diffusion'),
+    ('traceback: init_from config.json not text', 'main', [
+        *Q, '--config.init_from={tmp}/binary_config'], r'config\.init_from=.*cannot be read'),
+    ('traceback: sample on config.json not JSON', 'main', [
+        '--mode=sample', '--workdir={tmp}/garbled_config'], r'config\.json cannot be read'),
+    ('traceback: eval on config.json with a bad field', 'main', [
+        '--mode=eval', '--workdir={tmp}/bad_field'],
+     r"bad_field/config\.json: not a usable run config: config\.model\.ch='wide'"),
+    ('traceback: probe on config.json a folder', 'main', [
+        '--mode=probe', '--workdir={tmp}/config_folder'], r'config\.json cannot be read'),
+    ('traceback: npz object array', 'main', [
+        *Q, '--config.data.name=npz', '--config.data.path={tmp}/objects.npz'],
+     r"config\.data\.path: cannot read .*objects\.npz.*Object arrays"),
+    ('traceback: npz bad CRC', 'main', [
+        *Q, '--config.data.name=npz', '--config.data.path={tmp}/bad_crc.npz'],
+     r'config\.data\.path: cannot read .*bad_crc\.npz.*CRC'),
+    ('traceback: npz labels object array', 'main', [
+        *Q, '--config.data.name=npz', '--config.data.path={tmp}/object_labels.npz'],
+     r'config\.data\.path: cannot read .*object_labels\.npz'),
+    ('traceback: heads do not divide', 'main', [*Q, '--config.model.num_heads=3'],
+     r'config\.model\.num_heads=3: must divide the 64 channels of the attention at 4x4'),
+    ('traceback: head channels do not divide', 'main', [
+        *Q, '--config.model.num_head_channels=24'], r'config\.model\.num_head_channels=24'),
+    ('traceback: decoder heads do not divide', 'main', [
+        *Q, '--config.model.num_heads_upsample=5'], r'config\.model\.num_heads_upsample=5'),
+    ('traceback: one timestep', 'main', [
+        *Q, '--config.diffusion.num_timesteps=1', '--config.training.sample_steps=1'],
+     r'config\.diffusion\.num_timesteps=1: must be >= 2'),
+    ('traceback: seed over 64 bits', 'main', [*Q, '--config.seed=99999999999999999999'],
+     r'config\.seed=99999999999999999999: must be an integer in \[0, 2\*\*32\)'),
+    ('traceback: seed 2**63', 'main', [*Q, '--config.seed=9223372036854775808'],
+     r'config\.seed=9223372036854775808'),
+    ('traceback: multi_host without a cluster', 'main', [
+        *Q, '--config.training.multi_host=True'],
+     r'config\.training\.multi_host=True: cannot join a cluster'),
+    ('traceback: half the cluster flags', 'main', [
+        *Q, '--config.training.multi_host=True', '--num_processes=2'],
+     r'--num_processes given: --coordinator_address, --num_processes and --process_id go'),
+    ('traceback: eval.out_dir a file', 'main', [
+        *Q, *SAMPLE, *TINY_EVAL, '--config.eval.out_dir={tmp}/a_file'],
+     r"config\.eval\.out_dir='.*a_file': cannot be a folder"),
+    ('traceback: eval.out_dir under a file', 'main', [
+        *Q, *SAMPLE, *TINY_EVAL, '--config.eval.out_dir={tmp}/a_file/samples'],
+     r'config\.eval\.out_dir=.*cannot be a folder: .*a_file is a file'),
+    ('traceback: broken samples.json', 'main', [
+        *Q, *SAMPLE, *TINY_EVAL, '--config.eval.out_dir={tmp}/samples_broken'],
+     r'samples_broken/samples\.json cannot be read .* move it away'),
+    ('traceback: samples.json a list', 'main', [
+        *Q, *SAMPLE, *TINY_EVAL, '--config.eval.out_dir={tmp}/samples_list'],
+     r'samples_list/samples\.json cannot be read \(not a JSON object\)'),
+    ('traceback: broken results.json', 'main', [
+        *Q, '--mode=eval', '--workdir={tmp}/bad_results', *TINY_EVAL],
+     r'eval/results\.json cannot be read'),
+    ('traceback: garbage Inception weights', 'main', [
+        *Q, *EVAL, *TINY_EVAL, '--config.eval.inception_weights={tmp}/garbage.msgpack'],
+     r"config\.eval\.inception_weights='.*garbage\.msgpack': cannot be read"),
+    ('traceback: garbage reference stats', 'main', [
+        *Q, *EVAL, *TINY_EVAL, '--config.eval.inception_weights={tmp}/garbage.msgpack',
+        '--config.eval.ref_stats={tmp}/garbage_stats.npz'],
+     r'config\.eval\.ref_stats=.*garbage_stats\.npz.*: cannot be read'),
+    ('traceback: reference stats of the wrong shape', 'main', [
+        *Q, *PROBE, '--config.eval.inception_weights={tmp}/garbage.msgpack',
+        '--config.eval.ref_stats={tmp}/wrong_stats.npz'],
+     r'config\.eval\.ref_stats=.*: cannot be read: mu \(3,\) and sigma \(2, 2\)'),
+    ('traceback: t_start below the default t_end', 'main', [
+        *Q, *SAMPLE, *TINY_EVAL, '--config.eval.sampler_options.dpm_solver_pp.t_start=0.0005'],
+     r'dpm_solver_pp\.t_start=0\.0005: must be above t_end=0\.001 \(its default, 1/T\)'),
+    ('traceback: t_start below the default t_end, training', 'main', [
+        *Q, '--config.eval.sampler_options.dpm_solver_pp.t_start=0.0002'],
+     r'dpm_solver_pp\.t_start=0\.0002: must be above t_end'),
+    ('traceback: t_end below the first noise level', 'main', [
+        '--config={tmp}/t_end_config.py', *SAMPLE],
+     r'dpm_solver_pp\.t_end=0\.0001: is below the first noise level'),
+    ('traceback: import a garbage .npz', 'import', [*IMPORT, '--input={tmp}/garbage_stats.npz'],
+     r'garbage_stats\.npz: cannot be read as an \.npz of arrays'),
+    ('traceback: import an .npz of object arrays', 'import', [
+        *IMPORT, '--input={tmp}/objects.npz'], r'objects\.npz: cannot be read as an \.npz'),
+    ('traceback: import with an unknown override', 'import', [
+        *IMPORT, '--input={tmp}/objects.npz', '--config.model.chanels=3'],
+     r'config\.model\.chanels: no such field'),
+    ('traceback: bench --json into a missing folder', 'bench', [
+        *Q, '--what=sample', '--json={out}/nowhere/bench.json'],
+     r'--json=.*nowhere/bench\.json: cannot be written .*\(see --help\)'),
+    ('traceback: bench --json a folder', 'bench', [*Q, '--what=train', '--json={tmp}'],
+     r'--json=.*: cannot be written'),
+    ('traceback: bench missing Inception weights', 'bench', [
+        *Q, '--what=inception', '--inception_weights={tmp}/nope.msgpack'],
+     r'--inception_weights: FID Inception weights not found .*convert_inception'),
+    ('traceback: bench garbage Inception weights', 'bench', [
+        *Q, '--what=fid', '--inception_weights={tmp}/garbage.msgpack'],
+     r'--inception_weights: .*garbage\.msgpack.* is not a msgpack'),
+    # Accepted but wrong.
+    ('accepted: unknown field in the config file', 'main', ['--config={tmp}/typo_config.py'],
+     r'--config=.*typo_config\.py sets config\.training\.learning_rate: no such field; did '
+     r'you mean .*config\.training\.lr'),
+    ('accepted: unknown block in the config file', 'main', ['--config={tmp}/block_config.py'],
+     r'sets config\.optim\.lr: no such field; did you mean config\.training\.lr'),
+    ('accepted: unknown eval field in the config file, sampling', 'main', [
+        '--config={tmp}/eval_typo_config.py', *SAMPLE],
+     r'sets config\.eval\.num_sample: no such field; did you mean config\.eval\.num_samples'),
+    ('accepted: unknown field in the config file, bench', 'bench', [
+        '--config={tmp}/typo_config.py'], r'sets config\.training\.learning_rate'),
+    ('accepted: stray word', 'main', [*Q, 'train'],
+     r"'train': unexpected argument .*\(see --help\)"),
+    ('accepted: stray word, sampling', 'main', [*Q, *SAMPLE, 'now'], r"'now': unexpected"),
+    ('accepted: stray word, bench', 'bench', [*Q, 'sample'], r"'sample': unexpected"),
+    ('accepted: stray word, experiment', 'experiment', [*EXPERIMENT, 'go'], r"'go': unexpected"),
+    ('accepted: stray word, import', 'import', [*IMPORT, '--input={tmp}/objects.npz', 'x'],
+     r"'x': unexpected"),
+    ('accepted: data.path with digits', 'main', [*Q, '--config.data.path={tmp}/bad_crc.npz'],
+     r"config\.data\.path='.*': is read only when data\.name is npz or folder \(data\.name="
+     r"'digits'\)"),
+    ('accepted: data.tfds_data_dir with npz', 'main', [
+        *Q, '--config.data.name=npz', '--config.data.path={tmp}/bad_crc.npz',
+        '--config.data.tfds_data_dir={tmp}'], r'config\.data\.tfds_data_dir=.*TFDS'),
+    ('accepted: data.split with digits', 'main', [*Q, '--config.data.split=test'],
+     r"config\.data\.split='test': is read only for TFDS"),
+    ('accepted: skip_unreadable with digits', 'main', [*Q, '--config.data.skip_unreadable=True'],
+     r'config\.data\.skip_unreadable=True'),
+    ('accepted: teacher with objective dpm', 'main', [*Q, '--config.teacher={run}'],
+     r"config\.teacher=.*: is read only by objective=cd \(objective='dpm'\)"),
+    ('accepted: teacher with objective ct', 'main', [
+        *Q, '--config.objective=ct', '--config.teacher={run}'], r"objective='ct'"),
+    ('accepted: eps_scale nan', 'main', [*Q, *SAMPLE, '--config.eval.eps_scale=nan'],
+     r'config\.eval\.eps_scale=nan: must be a finite number > 0'),
+    ('accepted: eps_scale -inf', 'main', [*Q, *SAMPLE, '--config.eval.eps_scale=-inf'],
+     r'config\.eval\.eps_scale=-inf'),
+    ('accepted: eps_scale inf, training', 'main', [*Q, '--config.eval.eps_scale=inf'],
+     r'config\.eval\.eps_scale=inf'),
+    ('accepted: eps_scales 0, training', 'main', [*Q, '--config.eval.eps_scales=(1.0,0.0)'],
+     r'config\.eval\.eps_scales=0\.0'),
+    ('accepted: negative eval seed', 'main', [*Q, *SAMPLE, '--config.eval.seed=-1'],
+     r'config\.eval\.seed=-1: must be an integer in \[0, 2\*\*32\)'),
+    ('accepted: negative eval seed, probe', 'main', [*Q, *PROBE, '--config.eval.seed=-7'],
+     r'config\.eval\.seed=-7'),
+    ('accepted: negative eval seed, training', 'main', [*Q, '--config.eval.seed=-2'],
+     r'config\.eval\.seed=-2'),
+    ('accepted: negative eval seed, experiment', 'experiment', [
+        *EXPERIMENT, '--eval_seed=-5'], r'config\.eval\.seed=-5'),
+    ('accepted: unknown eval.sampler, training', 'main', [*Q, '--config.eval.sampler=euler'],
+     r"config\.eval\.sampler='euler': must be one of ancestral, ddim, dpm_solver\+\+"),
+    ('accepted: unknown sampler in eval.samplers, training', 'main', [
+        *Q, "--config.eval.samplers=('ddim','heun')"], r"config\.eval\.samplers='heun'"),
+    # Usage dumps: one line and a pointer to --help.
+    ('usage: bench unknown part', 'bench', [*Q, '--what=train,speed'],
+     r'--what: unknown part\(s\) speed; allowed: .* \(see --help\)$'),
+    ('usage: bench unknown flag', 'bench', [*Q, '--variant=free:3'],
+     r"Unknown command line flag 'variant'.*\(see --help\)$"),
+    ('usage: bench without --config', 'bench', ['--what=train'],
+     r'--config is required \(see --help\)$'),
+    ('usage: bench bad variant', 'bench', [*Q, '--variants=free'], r'free needs K'),
+    ('usage: bench bad sampler', 'bench', [*Q, '--samplers=euler'], r'--samplers: unknown euler'),
+    ('usage: bench steps 0', 'bench', [*Q, '--steps=0'], r'--steps=0: .*\(see --help\)$'),
+    ('usage: experiment bad probe', 'experiment', [*EXPERIMENT, '--probe=ddim'],
+     r"--probe='ddim': expected sampler:NFE"),
+    ('usage: experiment seeds not integers', 'experiment', [*EXPERIMENT, '--seeds=a,b'],
+     r'--seeds: integers expected'),
+    ('usage: experiment unknown regime', 'experiment', [*EXPERIMENT, '--regime=long'],
+     r'--regime=long: value should be one of'),
+    ('usage: experiment cd without base', 'experiment', [
+        *Q, '--workdir={out}/experiment', '--regime=cd'], r'--regime=cd needs --base'),
+    ('usage: experiment unknown arm', 'experiment', [*EXPERIMENT, '--arms=standard,nope'],
+     r'unknown arm\(s\) nope'),
+    ('usage: experiment without --workdir', 'experiment', [*Q], r'--workdir is required'),
+    ('usage: import without --input', 'import', IMPORT, r'--input is required \(see --help\)'),
+    ('usage: import bad attention order', 'import', [
+        *IMPORT, '--input={tmp}/objects.npz', '--attention_order=newest'],
+     r'--attention_order=newest: value should be one of'),
+    ('usage: main unknown mode', 'main', [*Q, '--mode=serve'], r'--mode=serve: value should'),
+    # Misleading lines: a damaged checkpoint is named as damaged, and kept.
+    ('misleading: resume from a garbled only checkpoint', 'main', [*Q, '--workdir={damaged}'],
+     r'cannot restore checkpoint step 1 from .*damaged/checkpoints: the checkpoint is '
+     r'damaged: its metadata .* It was kept as it was'),
+    ('misleading: resume from a truncated only checkpoint', 'main', [
+        *Q, '--workdir={truncated}'],
+     r'checkpoint step 1 .*truncated/checkpoints: the checkpoint is damaged.* kept as it was'),
+    ('misleading: resume a CD run from a garbled only checkpoint', 'main', [
+        *CD, '--config.teacher={run}', '--workdir={tmp}/cd_damaged'],
+     r'cannot restore checkpoint step 1 from .*cd_damaged/checkpoints: the checkpoint is '
+     r'damaged'),
+    ('misleading: sample from a garbled checkpoint', 'main', [
+        *Q, *TINY_EVAL, '--mode=sample', '--workdir={damaged}'],
+     r'cannot read the checkpoint in .*damaged/checkpoints/1: the checkpoint is damaged.* '
+     r'left as it was'),
+    ('misleading: sample from a checkpoint whose JSON metadata is cut', 'main', [
+        *Q, *TINY_EVAL, '--mode=sample', '--workdir={tmp}/json_damaged'],
+     r'the checkpoint is damaged: its metadata cannot be read \(_METADATA: '),
+    ('misleading: eval of a garbled checkpoint', 'main', [
+        *Q, *TINY_EVAL, '--mode=eval', '--workdir={damaged}'], r'the checkpoint is damaged'),
+    ('misleading: probe of a garbled checkpoint', 'main', [
+        *Q, *TINY_EVAL, '--mode=probe', '--workdir={damaged}'], r'the checkpoint is damaged'),
+    ('misleading: init_from a garbled checkpoint', 'main', [
+        *Q, '--config.init_from={damaged}'],
+     r"config\.init_from='.*damaged': .*the checkpoint is damaged"),
+    ('misleading: CD teacher with a garbled checkpoint', 'main', [
+        *CD, '--config.teacher={damaged}'],
+     r"config\.teacher='.*damaged': .*the checkpoint is damaged"),
+    ('misleading: experiment base with a garbled checkpoint', 'experiment', [
+        *Q, '--workdir={out}/experiment', '--regime=short', '--base={damaged}'],
+     r'the checkpoint is damaged'),
+    # Compiles before the error: probe options, a CD teacher of another network.
+    ('compiles: probe radius', 'main', [*Q, *PROBE, '--config.probe.radii=(-1.0,)'],
+     r'config\.probe\.radii=\(-1\.0,\): must be one or more numbers > 0'),
+    ('compiles: probe attack step', 'main', [*Q, *PROBE, '--config.probe.attack_at=(99,)'],
+     r'config\.probe\.attack_at=\(99,\)'),
+    ('compiles: probe unknown probe', 'main', [*Q, *PROBE, "--config.probe.run=('speed',)"],
+     r'config\.probe\.run='),
+    ('compiles: probe samples 0', 'main', [*Q, *PROBE, '--config.probe.num_samples=0'],
+     r'config\.probe\.num_samples=0'),
+    ('compiles: CD teacher of another network', 'main', [
+        *CD, '--config.teacher={tmp}/wide_run_ckpt'],
+     r'config\.model\.ch=32: the run config\.teacher=.*wide_run_ckpt.* has model\.ch=128'),
+    ('compiles: CD teacher that is a CD run', 'main', [
+        *CD, '--config.teacher={tmp}/cd_run'], r'a teacher must be a DPM run'),
+]
+_CLASSES = ('hang', 'traceback', 'accepted', 'usage', 'misleading', 'compiles')
+_COMMANDS = {'main': 'atdiff_jax.main', 'bench': 'atdiff_jax.bench',
+             'import': 'atdiff_jax.tools.import_adm',
+             'experiment': 'atdiff_jax.experiments.at_vs_standard'}
+# The first table: training command lines, the quickstart config unless they name one.
+ALL_BAD_INPUTS = [
+    (name, 'main', args if args is None or any(a.startswith('--config=') for a in args)
+     else QUICK + args, message) for name, args, message in BAD_INPUTS] + NEW_BAD_INPUTS
+
+
+def _write_run(workdir, config):
+  """A run as training leaves it (config.json and checkpoint 1, all zeros), written without
+  compiling a train step."""
+  state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                       abstract_state(config, TrainParts.build(config)))
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=1, async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  checkpoint.save_config(str(workdir), config)
+
+
 @pytest.fixture(scope='module')
 def bad_files(tmp_path_factory):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.command_line import load_config_file  # pylint: disable=g-import-not-at-top
   tmp = tmp_path_factory.mktemp('bad_inputs')
   with open(tmp / 'single.npz', 'wb') as f:  # np.save'd, then renamed
     np.save(f, np.zeros((4, 8, 8, 1), np.uint8))
-  (tmp / 'images').mkdir()
-  for i in range(2):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp / 'images' / f'ok{i}.png')
-  (tmp / 'images' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  png = lambda path, value: Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+  for folder in ('images', 'loop_self', 'loop_two', 'loop_parent'):
+    (tmp / folder).mkdir()
+    png(tmp / folder / 'ok0.png', 0)
+    (tmp / folder / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  png(tmp / 'images' / 'ok1.png', 60)
+  png(tmp / 'loop_self' / 'ok1.png', 60)
+  png(tmp / 'loop_two' / 'ok1.png', 60)
+  (tmp / 'loop_parent' / 'sub').mkdir()
+  png(tmp / 'loop_parent' / 'sub' / 'ok1.png', 60)
+  os.symlink('.', tmp / 'loop_self' / 'a')
+  os.symlink('.', tmp / 'loop_two' / 'a')
+  os.symlink('.', tmp / 'loop_two' / 'b')
+  os.symlink('..', tmp / 'loop_parent' / 'sub' / 'up')
+  with open(tmp / 'objects.npz', 'wb') as f:
+    np.savez(f, images=np.array([np.zeros((8, 8)), 'x'], dtype=object))
+  with open(tmp / 'object_labels.npz', 'wb') as f:
+    np.savez(f, images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.array([1, 'a'], object))
+  np.savez(tmp / 'bad_crc.npz', images=np.zeros((40, 8, 8, 1), np.uint8))
+  crc = bytearray((tmp / 'bad_crc.npz').read_bytes())
+  crc[200] ^= 0xFF  # inside the array data: the zip's CRC no longer matches
+  (tmp / 'bad_crc.npz').write_bytes(bytes(crc))
+  (tmp / 'garbage_stats.npz').write_bytes(b'PK not a zip')
+  np.savez(tmp / 'wrong_stats.npz', mu=np.zeros(3), sigma=np.eye(2))
+  (tmp / 'garbage.msgpack').write_bytes(b'\x00\x01 not msgpack')
   (tmp / 'a_file').write_text('not a folder')
   (tmp / 'file_run').mkdir()
   (tmp / 'file_run' / 'checkpoints').write_text('not a folder')
+  for name, text in [('samples_broken', '{oops'), ('samples_list', '[]')]:
+    (tmp / name).mkdir()
+    (tmp / name / 'samples.json').write_text(text)
+  for name, text in [('garbled_config', 'not json{'), ('list_config', '[1, 2]'),
+                     ('no_blocks', '{"model": 3}'), ('binary_config', '\udcff')]:
+    (tmp / name / 'checkpoints').mkdir(parents=True)
+    (tmp / name / 'config.json').write_bytes(text.encode('utf-8', 'surrogateescape'))
+  (tmp / 'config_folder' / 'config.json').mkdir(parents=True)
+  quick = load_config_file('configs/quickstart.py')
+  bad_field = json.loads(quick.to_json_best_effort())
+  bad_field['model']['ch'] = 'wide'
+  (tmp / 'bad_field').mkdir()
+  (tmp / 'bad_field' / 'config.json').write_text(json.dumps(bad_field))
+  for name, body in [('typo_config', 'config.training.learning_rate = 1e-3'),
+                     ('block_config', 'config.optim = ml_collections.ConfigDict({"lr": 1.0})'),
+                     ('eval_typo_config', 'config.eval.num_sample = 8'),
+                     ('t_end_config', 'config.eval.sampler_options.dpm_solver_pp.t_end = 1e-4')]:
+    (tmp / f'{name}.py').write_text(
+        'import ml_collections\nfrom configs import quickstart\n\n\ndef get_config():\n'
+        f'  config = quickstart.get_config()\n  {body}\n  return config\n')
   wide = tiny_config()
   wide.model.ch = 128
   (tmp / 'wide_run').mkdir()
   checkpoint.save_config(str(tmp / 'wide_run'), wide)
+  wide_quick = quick.copy_and_resolve_references()
+  wide_quick.model.ch = 128
+  _write_run(tmp / 'wide_run_ckpt', wide_quick)
+  cd_run = load_config_file('configs/quickstart_cd.py')
+  (tmp / 'cd_run' / 'checkpoints').mkdir(parents=True)
+  checkpoint.save_config(str(tmp / 'cd_run'), cd_run)
+  _write_run(tmp / 'run', quick)
+  for name, how in [('damaged', 'garbled'), ('truncated', 'truncated')]:
+    shutil.copytree(tmp / 'run', tmp / name)
+    _damage(tmp / name / 'checkpoints' / '1', how)
+  _write_run(tmp / 'cd_damaged', cd_run)
+  _damage(tmp / 'cd_damaged' / 'checkpoints' / '1', 'garbled')
+  shutil.copytree(tmp / 'run', tmp / 'json_damaged')
+  (tmp / 'json_damaged' / 'checkpoints' / '1' / 'default' / '_METADATA').write_text('{"tree')
+  shutil.copytree(tmp / 'run', tmp / 'bad_results')
+  (tmp / 'bad_results' / 'eval').mkdir()
+  (tmp / 'bad_results' / 'eval' / 'results.json').write_text('{"rows": ')
   return tmp
 
 
-def test_at_least_forty_bad_inputs():
+def _tree(root):
+  """Every path under `root` with its size and modification time (links not followed)."""
+  found = {}
+  for directory, subdirs, files in os.walk(root):
+    for name in subdirs + files:
+      path = os.path.join(directory, name)
+      stat = os.lstat(path)
+      found[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+  return found
+
+
+def test_the_table_has_every_class_of_the_sweep():
   assert len(BAD_INPUTS) >= 40
+  counts = {c: sum(name.startswith(f'{c}:') for name, *_ in NEW_BAD_INPUTS) for c in _CLASSES}
+  assert all(n >= 4 for n in counts.values()), counts
+  assert {command for _, command, _, _ in NEW_BAD_INPUTS} == set(_COMMANDS)
 
 
-@pytest.mark.parametrize('name,args,message', BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_before_anything_compiles(name, args, message, bad_files,
-                                                       tmp_path, capsys):
+@pytest.mark.parametrize('name,command,args,message', ALL_BAD_INPUTS,
+                         ids=[c[0] for c in ALL_BAD_INPUTS])
+def test_bad_input_is_one_line_before_anything_compiles(name, command, args, message,
+                                                       bad_files, tmp_path, capsys):
+  """Exit code 2, one line `error: ...` that says what is wrong, nothing compiled, nothing
+  written to a new workdir and no file of an existing run (or any input) changed."""
   tmp = str(bad_files)
   if args is None:  # the workdir itself is the problem
-    workdir, args = f'{tmp}/a_file/run', []
-  else:
-    workdir = str(tmp_path / 'run')
-  args = [a.replace('{tmp}', tmp) for a in args]
-  workdir = next((a.split('=', 1)[1] for a in args if a.startswith('--workdir=')), workdir)
-  args = [a for a in args if not a.startswith('--workdir=')]
-  if not any(a.startswith('--config=') for a in args):
-    args = QUICK + args
+    args = [*QUICK, f'--workdir={tmp}/a_file/run']
+  workdir = str(tmp_path / 'run')
+  places = {'{tmp}': tmp, '{run}': f'{tmp}/run', '{damaged}': f'{tmp}/damaged',
+            '{truncated}': f'{tmp}/truncated', '{out}': str(tmp_path)}
+  for key, value in places.items():
+    args = [a.replace(key, value) for a in args]
+  if command == 'main' and not any(a.startswith('--workdir=') for a in args):
+    args.append(f'--workdir={workdir}')
+  module = importlib.import_module(_COMMANDS[command])
+  before = _tree(tmp)
   with no_compiles('backend_compile'):
-    code = main.cli(['atdiff_jax.main', f'--workdir={workdir}', *args])
+    code = module.cli([_COMMANDS[command], *args])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2, err
   assert len(err) == 1 and err[0].startswith('error: '), err
@@ -672,3 +1030,5 @@ def test_bad_input_is_one_line_before_anything_compiles(name, args, message, bad
   written = os.path.join(workdir, 'checkpoints')
   assert not os.path.isdir(written) or not os.listdir(written), name
   assert not os.path.exists(os.path.join(workdir, 'config.json')), name
+  assert _tree(tmp) == before, name  # no checkpoint moved, deleted or overwritten
+
