@@ -11,6 +11,7 @@ wrong type, a stray word), runs the body and prints any bad-input error as one l
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -120,9 +121,11 @@ def flag_error_line(error: Exception) -> str:
 def reset(flag_values: flags.FlagValues) -> None:
   """Forgets an earlier parse: the values and the `--config.*` overrides that config_flags
   defined for it (it defines them anew from the next command line)."""
-  flag_values.unparse_flags()
-  for name in [n for n in flag_values if '.' in n]:
-    delattr(flag_values, name)
+  for name in list(flag_values):
+    if '.' in name:
+      delattr(flag_values, name)
+    else:  # flag by flag: unparse_flags() would log a line at INFO
+      flag_values[name].unparse()
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
@@ -191,5 +194,10 @@ def _quiet_closed_loops(unraisable) -> None:
 def main(flag_values: flags.FlagValues, body: Callable[[], int | None], doc: str = '',
          errors: tuple[type, ...] = ()) -> None:
   """`if __name__ == '__main__'`: `run` on sys.argv, then exit with its status."""
+  # INFO in one format. force: importing Orbax has already set logging up, without INFO.
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                      datefmt='%H:%M:%S', force=True)
+  for noisy in ('absl', 'jax._src', 'orbax'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   sys.unraisablehook = _quiet_closed_loops
   sys.exit(run(flag_values, body, sys.argv, doc, errors))

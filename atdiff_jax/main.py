@@ -18,7 +18,6 @@ Flags and mode dispatch only; the work lives in the library.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import flags
@@ -71,10 +70,6 @@ def run() -> int:
   config = _CONFIG.value
   # Imports only (reading config.json touches no JAX backend).
   from atdiff_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
-                      datefmt='%H:%M:%S')
-  for noisy in ('absl', 'jax._src', 'orbax'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   if config is None and _MODE.value == 'train':
     raise command_line.UsageError('--config is required for --mode=train')
   run_config = config if config is not None else checkpoint.load_config(_WORKDIR.value)

@@ -11,7 +11,6 @@ table as soon as the part is done, so a run cut short still shows what it measur
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -110,7 +109,6 @@ def _check(config, variants) -> None:
 
 
 def main() -> None:
-  logging.getLogger('jax._src').setLevel(logging.WARNING)  # backend probing is noise here
   # Imported here so that flag errors cost no backend start-up.
   # pylint: disable=g-import-not-at-top
   from atdiff_jax import bench

@@ -23,7 +23,6 @@ On a GPU the same command takes a larger config and more samples, e.g.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Sequence
 
@@ -90,10 +89,6 @@ def _given(flag, default):
 
 
 def main() -> None:
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
-                      datefmt='%H:%M:%S')
-  for noisy in ('absl', 'jax._src', 'orbax'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   import dataclasses
   from atdiff_jax.experiments import runner

@@ -18,7 +18,6 @@ pip install -e '.[convert]') or an .npz of the same keys.
 """
 from __future__ import annotations
 
-import logging
 
 from absl import flags
 from ml_collections import config_flags
@@ -50,10 +49,6 @@ flags.mark_flags_as_required(['input', 'config', 'workdir'], flag_values=FLAGS)
 
 
 def main() -> None:
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
-                      datefmt='%H:%M:%S')
-  for noisy in ('absl', 'jax._src', 'orbax'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   from atdiff_jax import convert  # pylint: disable=g-import-not-at-top
   # The --config.* fields given here win over the checkpoint's flags.
   keep = {name[len('config.'):] for name in FLAGS if name.startswith('config.')}
