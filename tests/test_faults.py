@@ -886,7 +886,7 @@ NEW_BAD_INPUTS = [
         *CD, '--config.teacher={tmp}/cd_run'], r'a teacher must be a DPM run'),
 ]
 _CLASSES = ('hang', 'traceback', 'accepted', 'usage', 'misleading', 'compiles')
-_COMMANDS = {'main': 'atdiff_jax.main', 'bench': 'atdiff_jax.bench',
+_COMMANDS = {'main': 'atdiff_jax.main', 'bench': 'atdiff_jax.bench.__main__',
              'import': 'atdiff_jax.tools.import_adm',
              'experiment': 'atdiff_jax.experiments.at_vs_standard'}
 # The first table: training command lines, the quickstart config unless they name one.
