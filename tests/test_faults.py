@@ -975,7 +975,9 @@ def bad_files(tmp_path_factory):
   for name, how in [('damaged', 'garbled'), ('truncated', 'truncated')]:
     shutil.copytree(tmp / 'run', tmp / name)
     _damage(tmp / name / 'checkpoints' / '1', how)
-  _write_run(tmp / 'cd_damaged', cd_run)
+  cd_damaged = copy.deepcopy(cd_run)
+  cd_damaged.teacher = str(tmp / 'run')  # as the command resumes it: the same run
+  _write_run(tmp / 'cd_damaged', cd_damaged)
   _damage(tmp / 'cd_damaged' / 'checkpoints' / '1', 'garbled')
   shutil.copytree(tmp / 'run', tmp / 'json_damaged')
   (tmp / 'json_damaged' / 'checkpoints' / '1' / 'default' / '_METADATA').write_text('{"tree')
