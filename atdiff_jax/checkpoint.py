@@ -555,7 +555,8 @@ def check_source_run(config: ml_collections.ConfigDict, source: str, field: str,
   if objective is not None and config_lib.objective_of(theirs) != objective:
     raise config_lib.ConfigError(
         f'config.{field}={source!r}: the run there trains '
-        f'objective={config_lib.objective_of(theirs)!r}; it must be a {objective} run')
+        f'objective={config_lib.objective_of(theirs)!r}; a {field} must be a '
+        f'{objective.upper()} run')
   check_same_network(config, source, field, why)
   try:  # none, or a damaged one: said before anything is built for it
     usable_checkpoint(source)
