@@ -117,17 +117,20 @@ def main() -> None:
         max_minibatches=_given(_BASE_MAX, rule.max_minibatches))
   arm_names = tuple(_ARMS.value or regime.arms)
   _enable_compilation_cache(_WORKDIR.value)
-  runner.run_experiment(
-      _CONFIG.value, _WORKDIR.value, base=_BASE.value, arm_names=arm_names, seeds=seeds,
-      seeds_by_arm=dataclasses.replace(regime, arms=arm_names).seeds_by_arm(
-          seeds, _given(_FEW_SEEDS, regime.few_seeds)),
-      updates=updates, updates_ratio=ratio, lr=_given(_LR, regime.lr),
-      samplers=tuple(_given(_SAMPLERS, regime.samplers)),
-      nfes=_int_list('nfes', _NFES.value) if _NFES.value else regime.nfes,
-      num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
-      eval_batch=_EVAL_BATCH.value, probe=probe, base_rule=rule,
-      known_arms=regime.known_arms, reference=regime.reference,
-      source_field=regime.source_field, title=regime.title)
+  try:
+    runner.run_experiment(
+        _CONFIG.value, _WORKDIR.value, base=_BASE.value, arm_names=arm_names, seeds=seeds,
+        seeds_by_arm=dataclasses.replace(regime, arms=arm_names).seeds_by_arm(
+            seeds, _given(_FEW_SEEDS, regime.few_seeds)),
+        updates=updates, updates_ratio=ratio, lr=_given(_LR, regime.lr),
+        samplers=tuple(_given(_SAMPLERS, regime.samplers)),
+        nfes=_int_list('nfes', _NFES.value) if _NFES.value else regime.nfes,
+        num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
+        eval_batch=_EVAL_BATCH.value, probe=probe, base_rule=rule,
+        known_arms=regime.known_arms, reference=regime.reference,
+        source_field=regime.source_field, title=regime.title)
+  except runner.Stopped as e:  # a requested stop: nothing half-done was scored
+    print(f'experiment: {e}', flush=True)
 
 
 def _enable_compilation_cache(workdir: str) -> None:

@@ -30,6 +30,11 @@ CURVE_JSON = 'plateau.json'
 CURVE_PNG = 'plateau.png'
 
 
+class Stopped(Exception):
+  """A run was stopped (Ctrl-C, SIGTERM) before its last minibatch: it is resumed by the
+  same command, never scored half-done."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PlateauRule:
   """When a base run counts as converged (see the module doc)."""
@@ -91,7 +96,10 @@ def train_to_plateau(config: ml_collections.ConfigDict, workdir: str,
   while True:
     target = (len(checks) + 1) * rule.check_every
     training.num_steps = target
-    train.train(config, workdir)
+    state = train.train(config, workdir)
+    if int(state.step) < target:
+      raise Stopped(f'the base stopped at minibatch {int(state.step)}; run the same command '
+                    'to resume')
     value, metric = _score(config, workdir, target, rule)
     checks.append({'minibatch': target, 'updates': target * per_minibatch, metric: value})
     record['metric'] = metric

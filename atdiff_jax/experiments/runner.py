@@ -21,6 +21,7 @@ from atdiff_jax.samplers.options import check_config_options
 from atdiff_jax.evaluation import settings as eval_settings
 
 RESULT_FILE = 'result.json'
+Stopped = plateau.Stopped
 
 
 def eval_block(config, samplers: Sequence[str], nfes: Sequence[int], num_samples: int,
@@ -66,7 +67,10 @@ def run_arm(config, workdir: str, arm: arms_lib.Arm, seed: int | None,
   and probes one (arm, seed); returns (and writes) its result."""
   start = time.perf_counter()
   if checkpoint_dir is None:
-    train.train(config, workdir)
+    state = train.train(config, workdir)
+    if int(state.step) < int(config.training.num_steps):  # stopped (Ctrl-C, SIGTERM)
+      raise Stopped(f'{arm.name} seed {seed} stopped at minibatch {int(state.step)}; run the '
+                    'same command to resume')
   trained = time.perf_counter()
   scored = evaluate_checkpoint(config, checkpoint_dir or workdir,
                                os.path.join(workdir, sweep.EVAL_DIR), probe)
