@@ -56,7 +56,8 @@ RESUMABLE_FIELDS = (
     'training.num_steps', 'training.log_every', 'training.checkpoint_every',
     'training.keep_checkpoints', 'training.sample_every', 'training.num_samples',
     'training.sample_steps', 'training.multi_host', 'training.stop_after_nonfinite',
-    'training.max_update_ratio', 'training.profile', 'data.path', 'data.tfds_data_dir', 'data.verify_images',
+    'training.max_update_ratio', 'training.profile', 'training.minibatches_per_call',
+    'data.path', 'data.tfds_data_dir', 'data.verify_images',
     'data.skip_unreadable', 'init_from', 'adv.replay_loop', 'eval', 'probe')
 
 
@@ -301,8 +302,13 @@ def perturbed_t_range(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def updates_per_minibatch(config: ml_collections.ConfigDict) -> int:
-  """Optimizer updates made by one call of the train step (free AT: one per pass)."""
+  """Optimizer updates made on one minibatch (free AT: one per pass)."""
   return int(config.adv.steps) if config.adv.method == 'free' else 1
+
+
+def minibatches_per_call(config: ml_collections.ConfigDict) -> int:
+  """Minibatches one compiled train call runs (1 for runs made before the field)."""
+  return int(config.training.get('minibatches_per_call', 1))
 
 
 def objective_of(config: ml_collections.ConfigDict) -> str:
@@ -406,6 +412,8 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int,
   if (not _is_sequence(profile) or len(profile) != 2
       or any(not is_number(v) or int(v) != v or v < 0 for v in profile)):
     fail('training.profile', profile, 'must be (first minibatch, count), whole numbers >= 0')
+  if 'minibatches_per_call' in config.training:
+    _positive(config, 'training.minibatches_per_call', integer=True)
   _positive(config, 'training.sample_every', allow_zero=True, integer=True)
   _positive(config, 'training.num_samples', integer=True)
   _positive(config, 'training.sample_steps', integer=True)

@@ -29,6 +29,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Several minibatches stacked on a leading axis (one compiled call runs them all): each
+  minibatch split over 'data' as batch_sharding splits one."""
+  return NamedSharding(mesh, P(None, AXIS))
+
+
 def num_shards(mesh: Mesh) -> int:
   """How many pieces a batch is split into on `mesh`."""
   if AXIS not in mesh.axis_names:

@@ -21,7 +21,7 @@ import numpy as np
 
 from atdiff_jax import checkpoint, config as config_lib, data, images, parallel
 from atdiff_jax.samplers import from_config
-from atdiff_jax.config import updates_per_minibatch
+from atdiff_jax.config import minibatches_per_call, updates_per_minibatch
 from atdiff_jax.objectives import check_frozen_sources
 from atdiff_jax.train_state import STOP_DIVERGED
 from atdiff_jax.parallel import make_mesh
@@ -93,10 +93,33 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def call_sizes(training: ml_collections.ConfigDict, per_call: int):
+  """`size(step)`: how many minibatches the call starting at minibatch `step` runs:
+  `per_call`, or fewer to stop at the next point where the loop logs, saves, samples,
+  profiles or ends, so those see the state of exactly that minibatch."""
+  periods = [p for p in (training.log_every, training.checkpoint_every,
+                         training.sample_every) if p]
+  first, count = (int(v) for v in training.get('profile', (0, 0)))
+  marks = {int(training.num_steps)} | ({first, first + count} if count else set())
+
+  def size(step: int) -> int:
+    ahead = [p - step % p for p in periods] + [m - step for m in marks if m > step]
+    return max(1, min([per_call] + ahead))
+
+  return size
+
+
 def _fetch_mean(metrics: list[dict[str, jax.Array]]) -> tuple[dict[str, float], list[dict]]:
   """One host transfer per log interval for all buffered step metrics: their means (and
-  the number of updates skipped as non-finite) and the host copies."""
-  stacked = jax.device_get(metrics)
+  the number of updates skipped as non-finite) and the host copies, one per minibatch
+  (a call over several minibatches gives each metric a leading axis)."""
+  stacked = []
+  for metrics_of_call in jax.device_get(metrics):
+    if np.ndim(metrics_of_call['loss']):
+      stacked += [{k: v[i] for k, v in metrics_of_call.items()}
+                  for i in range(len(metrics_of_call['loss']))]
+    else:
+      stacked.append(metrics_of_call)
   means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0] if k != 'nonfinite'}
   means['skipped_updates'] = int(sum(m['nonfinite'] for m in stacked))
   return means, stacked
@@ -237,16 +260,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     writer = _Writer(workdir)
     buffered: list[dict[str, jax.Array]] = []
     step = start_step
+    per_call = minibatches_per_call(config)
+    chunk_size = None if per_call == 1 else call_sizes(training, per_call)
     stream = data.BatchStream(source, training.batch_size, config.seed, mesh,
-                              start_step=start_step, random_flip=config.data.random_flip)
+                              start_step=start_step, random_flip=config.data.random_flip,
+                              chunk_size=chunk_size)
     profiler = _Profiler(training.get('profile', (0, 0)), workdir, is_main)
     with StopRequest() as stop, stream:
       while step < training.num_steps:
         profiler.before(step, state)
         state, metrics = train_step(state, next(stream), frozen)
-        profiler.after(step + 1, state)
+        count = 1 if chunk_size is None else chunk_size(step)
+        profiler.after(step + count, state)
         buffered.append(metrics)
-        step += 1
+        step += count
         ckpt.check()  # a failed save stops the run now, not at the next save
         if step % training.log_every == 0 or step == training.num_steps:
           values, stacked = _fetch_mean(buffered)

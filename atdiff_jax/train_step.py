@@ -86,7 +86,8 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, parts: Tra
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainParts):
-  """`step(state, batch, frozen=()) -> (state, metrics)`, jitted; batch = {'image', 'label'}.
+  """`step(state, batch, frozen=()) -> (state, metrics)`, jitted; batch = {'image', 'label'},
+  one minibatch or several stacked (`map_minibatches`).
 
   `frozen` is the objective's frozen extras (`objective.load_frozen(mesh)`).
   """
@@ -172,11 +173,33 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, parts: TrainP
       guard = guard.stop(state.step + 1, STOP_NONFINITE, streak >= nonfinite_limit)
     return out.state.replace(step=out.state.step + 1, guard=guard), metrics
 
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
+  return map_minibatches(per_device, mesh)
+
+
+def map_minibatches(per_device, mesh: Mesh):
+  """The jitted, state-donating step of a per-device minibatch function
+  `per_device(state, images, labels, frozen) -> (state, metrics)`.
+
+  `step(state, batch, frozen)` takes one minibatch (images (B, H, W, C)) or several stacked
+  on a leading axis (M, B, H, W, C), as the data stream yields them with
+  training.minibatches_per_call: those run one after another in a `lax.scan` inside the
+  same program, and every metric gains the leading axis M. One call per M minibatches
+  divides the host's dispatch work (some 2,000 state arrays in and out of each call for an
+  ADM) by M; the minibatches are the same, so the training is the same.
+  """
+  single = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
                          out_specs=(P(), P()), check_vma=False)
+
+  def per_device_scan(state, images, labels, frozen):
+    return lax.scan(lambda state, xs: per_device(state, *xs, frozen), state, (images, labels))
+
+  stacked = jax.shard_map(per_device_scan, mesh=mesh,
+                          in_specs=(P(), P(None, AXIS), P(None, AXIS), P()),
+                          out_specs=(P(), P()), check_vma=False)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state: TrainState, batch: dict, frozen=()):
+    mapped = stacked if batch['image'].ndim == 5 else single
     return mapped(state, batch['image'], batch['label'], frozen)
 
   return step

@@ -1,7 +1,8 @@
 """Benchmark smoke test: result structure and reporting (speed is never asserted)."""
 import pytest
 
-from atdiff_jax.bench import (Variant, bench_sweep, bench_train, format_fid_table,
+from atdiff_jax.bench import (Variant, bench_dispatch, bench_sweep, bench_train,
+                              format_dispatch_table, format_fid_table,
                               format_sweep_table, format_train_table, parse_variants,
                               variant_config)
 from conftest import ToyDenoiser, tiny_config
@@ -120,3 +121,26 @@ def test_bench_sweep_scores_every_run_both_ways_and_reports_the_total():
                               'per_run_s': [10.0, 4.0, 4.0], 'once_s': [2.0, 2.0, 2.0]})
   assert '| 2 | 4.0 | 2.0 | 2.00x |' in table
   assert '18.0 s before, 14.0 s now (1.29x)' in table  # 10 + 4 + 4 against 10 + 2 + 2
+
+
+def test_bench_dispatch_times_each_count_over_the_real_state():
+  """The dispatch part's rows, per minibatch count; the state passes through untouched."""
+  config = tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  result = bench_dispatch(config, per_call=(4, 1), calls=2, repeats=1)
+  assert [(r['minibatches_per_call'], r['scan']) for r in result['rows']] == [
+      (1, False), (1, True), (4, True)]
+  assert result['state_arrays'] > 50  # params, Adam moments, EMA, counters
+  for row in result['rows']:
+    assert row['ms_per_call'] > 0
+    assert row['ms_per_minibatch'] == pytest.approx(row['ms_per_call'] / row['minibatches_per_call'])
+  assert result['rows'][0]['floor_ratio'] == 1.0
+  table = format_dispatch_table({'state_arrays': 1979, 'calls': 20, 'repeats': 3, 'rows': [
+      {'minibatches_per_call': 1, 'scan': False, 'ms_per_call': 8.0, 'ms_per_minibatch': 8.0,
+       'floor_ratio': 1.0},
+      {'minibatches_per_call': 8, 'scan': True, 'ms_per_call': 9.6, 'ms_per_minibatch': 1.2,
+       'floor_ratio': 8.0 / 1.2}]})
+  assert '| 1 (plain) | 8.00 | 8.000 | baseline |' in table
+  assert '| 8 (scan) | 9.60 | 1.200 | 6.7x lower |' in table and '1,979 arrays' in table
+  with pytest.raises(ValueError, match='>= 1'):
+    bench_dispatch(config, per_call=(0,))

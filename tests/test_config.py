@@ -41,6 +41,8 @@ BAD_CASES = [
     ('adv.t_range', (50, 10), r'adv.t_range=\(50, 10\): must satisfy 0 <= t_min <= t_max'),
     ('training.profile', (3,), r'training.profile=\(3,\): must be \(first minibatch, count\)'),
     ('training.profile', (-1, 2), r'training.profile=\(-1, 2\): must be'),
+    ('training.minibatches_per_call', 0, r'training.minibatches_per_call=0: must be > 0'),
+    ('training.minibatches_per_call', -2, r'training.minibatches_per_call=-2: must be > 0'),
     ('adv.radius_scale', 'per_pixel', r'must be one of per_dim, absolute'),
     ('adv.init', 'gaussian', r'must be one of zero, uniform'),
     ('adv.radius_schedule', 'linear', r'adv.radius_schedule=.linear.: must be one of constant, '

@@ -412,6 +412,27 @@ def test_stream_sharding_shape_and_range():
   np.testing.assert_array_equal(np.asarray(batch['label']), expected_labels)
 
 
+def test_chunked_stream_stacks_the_same_batches_as_the_plain_one():
+  """With chunk_size, items stack consecutive batches (each split over 'data') and the
+  stream's step moves by the chunk; the batches are the plain stream's."""
+  mesh = _mesh()
+  source = data.create_source(_config())
+  with data.BatchStream(source, 16, seed=3, mesh=mesh, start_step=1) as stream:
+    plain = [_as_numpy(next(stream)) for _ in range(6)]
+  sizes = {1: 3, 4: 1, 5: 2}
+  with data.BatchStream(source, 16, seed=3, mesh=mesh, start_step=1,
+                        chunk_size=sizes.__getitem__) as stream:
+    chunks = [next(stream) for _ in range(3)]
+    assert stream.step == 7
+  assert [c['image'].shape for c in chunks] == [(3, 16, 8, 8, 1), (1, 16, 8, 8, 1),
+                                               (2, 16, 8, 8, 1)]
+  stacked = NamedSharding(mesh, P(None, 'data'))
+  assert all(c['label'].sharding.is_equivalent_to(stacked, 2) for c in chunks)
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c[key]) for c in chunks]),
+                                  np.stack([b[key] for b in plain]))
+
+
 def test_stream_resume_reproduces_uninterrupted_batches(tmp_path):
   _random_npz(tmp_path / 'd.npz', n=40, size=4)  # 2 steps per epoch at batch 16
   source = data.create_source(_config(name='npz', path=str(tmp_path / 'd.npz'),

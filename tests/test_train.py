@@ -213,3 +213,46 @@ def test_profile_traces_the_chosen_minibatches_only(config, tmp_path, monkeypatc
   train.train(config, str(tmp_path))
   assert calls == [('start', os.path.join(str(tmp_path), 'profile')), ('stop',)]
   assert steps == [0, 1, 1, 2]  # minibatches 1 and 2 ran inside the trace, 0 and 3 outside
+
+
+def test_call_sizes_stop_at_every_point_the_loop_acts_on(config):
+  """Calls of up to M minibatches, cut short at log, save, sample, profile and end points."""
+  training = config.training
+  training.log_every, training.checkpoint_every, training.sample_every = 6, 9, 0
+  training.num_steps, training.profile = 20, (13, 2)
+  size = train.call_sizes(training, 4)
+  step, ends = 0, []
+  while step < training.num_steps:
+    step += size(step)
+    ends.append(step)
+  assert ends == [4, 6, 9, 12, 13, 15, 18, 20]
+  assert all(size(s) <= 4 for s in range(40))
+  aligned = train.call_sizes(training.copy_and_resolve_references(), 3)
+  assert [aligned(s) for s in (0, 3, 6)] == [3, 3, 3]
+
+
+def test_several_minibatches_per_call_train_as_one_per_call(config, tmp_path):
+  """training.minibatches_per_call = 3 runs the same minibatches with the same draws as one
+  call per minibatch, through a resume at a point that is not a multiple of 3 (calls of 3,
+  1, 1, then 3). The loss history (one entry per minibatch's losses) agrees to float
+  rounding; Adam's first updates, near sign(g), turn rounding into a few percent of the
+  params' movement (test_train_step checks the stacked step tightly with SGD), where
+  another minibatch order or draw would move them as much as training does."""
+  config.adv.method, config.adv.steps = 'free', 2
+  config.training.timestep_sampler = 'loss_second_moment'
+  config.data.random_flip = True
+  config.training.num_steps, config.training.log_every = 8, 4
+  config.training.checkpoint_every = 100
+  straight = train.train(config, str(tmp_path / 'one'))
+
+  config.training.minibatches_per_call = 3
+  config.training.num_steps = 5
+  train.train(config, str(tmp_path / 'three'))
+  config.training.num_steps = 8
+  stacked = train.train(config, str(tmp_path / 'three'))
+  assert int(stacked.step) == 8 and int(stacked.opt_step) == int(straight.opt_step)
+  assert_trees_equal(straight.objective_state, stacked.objective_state, rtol=1e-5)
+  initial = create_train_state(config, make_mesh(), TrainParts.build(config))
+  gap = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(
+      jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+  assert gap(straight.params, stacked.params) < 0.1 * gap(straight.params, initial.params)

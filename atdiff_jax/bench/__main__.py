@@ -4,7 +4,9 @@ Measures, on the current backend, the train step under each adversarial-training
 (compile time, speed, MFU, memory; optionally with a rolled replay loop or remat), the
 samplers at a fixed NFE, Inception feature extraction, and the FID pipeline end to end
 (sampling + Inception + Frechet distance), and an evaluation sweep over several checkpoints
-with programs built per run against once a process (`sweep`, not in the default parts). It prints a markdown header, then each part's
+with programs built per run against once a process (`sweep`), and the host's dispatch floor
+per minibatch with one and several minibatches per call (`dispatch`); those two are not in
+the default parts. It prints a markdown header, then each part's
 table as soon as the part is done, so a run cut short still shows what it measured
 (progress goes to stderr); `--json` keeps every number, rewritten after each part.
 """
@@ -19,18 +21,21 @@ from ml_collections import config_flags
 
 from atdiff_jax import command_line
 
-PARTS = ('train', 'sample', 'inception', 'fid', 'sweep')
+PARTS = ('train', 'sample', 'inception', 'fid', 'sweep', 'dispatch')
+DEFAULT_PARTS = PARTS[:4]
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', flag_values=FLAGS,
                                           lock_config=True)
-_WHAT = flags.DEFINE_list('what', list(PARTS[:-1]), f'Parts to run, any of {", ".join(PARTS)}.',
+_WHAT = flags.DEFINE_list('what', list(DEFAULT_PARTS), f'Parts to run, any of {", ".join(PARTS)}.',
                           flag_values=FLAGS)
 _SWEEP_RUNS = flags.DEFINE_integer('sweep_runs', 3, 'Checkpoints scored by the sweep part.',
                                    lower_bound=2, flag_values=FLAGS)
 _SWEEP_SAMPLES = flags.DEFINE_integer('sweep_samples', 256, 'Samples per cell of the sweep '
                                       'part (its cells: config.eval).', lower_bound=2,
                                       flag_values=FLAGS)
+_PER_CALL = flags.DEFINE_list('per_call', ['1', '4', '16'], 'Minibatches per call of the '
+                               'dispatch part.', flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.', lower_bound=1,
                               flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each variant before timing.',
@@ -95,6 +100,8 @@ def _check(config, variants) -> None:
     for variant in variants:
       config_lib.validate_training(bench.variant_config(config, variant),
                                    jax.device_count())
+  if 'dispatch' in _WHAT.value:
+    _per_call()
   if _JSON.value:
     folder = os.path.dirname(os.path.abspath(_JSON.value))
     if os.path.isdir(_JSON.value) or not os.path.isdir(folder) or not os.access(folder,
@@ -106,6 +113,17 @@ def _check(config, variants) -> None:
       inception.load_inception_weights(_INCEPTION_WEIGHTS.value)
     except (OSError, ValueError) as e:  # FileNotFoundError says how to make the file
       raise UsageError(f'--inception_weights: {" ".join(str(e).split())}') from None
+
+
+def _per_call() -> list[int]:
+  try:
+    counts = [int(v) for v in _PER_CALL.value]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise command_line.UsageError(f'--per_call={",".join(_PER_CALL.value)}: must be whole '
+                                  'numbers >= 1, e.g. 1,4,16')
+  return counts
 
 
 def main() -> None:
@@ -155,6 +173,9 @@ def main() -> None:
   if 'sweep' in _WHAT.value:
     result = bench.bench_sweep(config, _SWEEP_RUNS.value, _SWEEP_SAMPLES.value, log=_log)
     done('sweep', result, bench.format_sweep_table(result))
+  if 'dispatch' in _WHAT.value:
+    result = bench.bench_dispatch(config, _per_call(), steps, repeats, log=_log)
+    done('dispatch', result, bench.format_dispatch_table(result))
   if _JSON.value:
     _log(f'wrote {_JSON.value}')
 

@@ -150,3 +150,18 @@ def format_sweep_table(result: dict[str, Any]) -> str:
       f'{result["num_samples"]} samples each ({", ".join(result["cells"])}), persistent XLA '
       f'cache on (as the experiment has it). Each run is scored both ways back to back. '
       f'{len(per_run)} runs: {before:.1f} s before, {now:.1f} s now ({before / now:.2f}x).'])
+
+
+def format_dispatch_table(result: dict[str, Any]) -> str:
+  """Host milliseconds per minibatch for the state alone, by minibatches per call."""
+  header = ['minibatches per call', 'ms per call', 'ms per minibatch',
+            'floor vs 1 per call']
+  body = [[f'{r["minibatches_per_call"]}{" (scan)" if r["scan"] else " (plain)"}',
+           f'{r["ms_per_call"]:.2f}', f'{r["ms_per_minibatch"]:.3f}',
+           f'{r["floor_ratio"]:.1f}x lower' if r['scan'] else 'baseline']
+          for r in result['rows']]
+  return '\n'.join(_table(header, body) + [
+      '', f'The dispatch floor: a step that does no device work over the real train state '
+      f'({result["state_arrays"]:,} arrays, donated), best of {result["repeats"]} rounds of '
+      f'{result["calls"]} calls. Plain: the one-minibatch program (training.'
+      f'minibatches_per_call = 1); scan: that many minibatches per call.'])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +52,16 @@ class BatchStream:
   Yields dict(image=float32 (B, H, W, C) in [-1, 1], label=int32 (B,)), both
   sharded over the mesh's 'data' axis (parallel.batch_sharding). `step` is the index of the next batch.
   Batch `k` depends only on (seed, k), so resuming at step k is exact.
+
+  With `chunk_size` (a function of the next batch's index), each item instead holds the
+  next `chunk_size(step)` batches stacked on a leading axis (parallel.stacked_batch_sharding),
+  for a train step that runs several minibatches per compiled call; `step` then moves by
+  the chunk. The chunks are stacked in the loader thread, not by the caller.
   """
 
   def __init__(self, source, global_batch_size: int, seed: int, mesh: Mesh,
-               start_step: int = 0, random_flip: bool = True, prefetch: int = 2):
+               start_step: int = 0, random_flip: bool = True, prefetch: int = 2,
+               chunk_size: Callable[[int], int] | None = None):
     data_size = parallel.num_shards(mesh)
     if global_batch_size % data_size:
       raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
@@ -69,6 +75,8 @@ class BatchStream:
     self.seed = seed
     self.random_flip = random_flip
     self.sharding = parallel.batch_sharding(mesh)
+    self._stacked_sharding = parallel.stacked_batch_sharding(mesh)
+    self._chunk_size = chunk_size
     self._rows = process_batch_slice(global_batch_size, jax.process_index(),
                                      jax.process_count())
     _check_rows_match_sharding(self.sharding, global_batch_size, self._rows)
@@ -83,14 +91,23 @@ class BatchStream:
 
   # ---------------------------------------------------------------- loader side
 
-  def _device_batch(self, step: int) -> dict[str, jax.Array]:
-    images, labels = self.host_batch(step)
-    self.images_loaded += len(images)
+  def _device_batch(self, step: int) -> tuple[int, dict[str, jax.Array]]:
+    """(how many batches, the device batch) starting at batch `step`."""
+    if self._chunk_size is None:
+      images, labels = self.host_batch(step)
+      count, sharding, lead = 1, self.sharding, ()
+    else:
+      count = self._chunk_size(step)
+      loaded = [self.host_batch(s) for s in range(step, step + count)]
+      images = np.stack([images for images, _ in loaded])
+      labels = np.stack([labels for _, labels in loaded])
+      sharding, lead = self._stacked_sharding, (count,)
+    self.images_loaded += images.size // np.prod(images.shape[-3:])
     batch = self.global_batch_size
     images = jax.make_array_from_process_local_data(
-        self.sharding, images, (batch, *images.shape[1:]))
-    labels = jax.make_array_from_process_local_data(self.sharding, labels, (batch,))
-    return {'image': _to_model_range(images), 'label': labels}
+        sharding, images, (*lead, batch, *images.shape[-3:]))
+    labels = jax.make_array_from_process_local_data(sharding, labels, (*lead, batch))
+    return count, {'image': _to_model_range(images), 'label': labels}
 
   def _put(self, item: Any) -> bool:
     """Blocks until there is room or close() is called; False when closed."""
@@ -105,9 +122,10 @@ class BatchStream:
   def _produce(self, step: int) -> None:
     try:
       while not self._stop.is_set():
-        if not self._put((step, self._device_batch(step))):
+        count, batch = self._device_batch(step)
+        if not self._put((step, count, batch)):
           return
-        step += 1
+        step += count
     except BaseException as e:  # pylint: disable=broad-except
       self._put(_Failure(e, step))
 
@@ -129,9 +147,9 @@ class BatchStream:
       if isinstance(item, _Failure):
         self._failure = item
         break
-      step, batch = item
+      step, count, batch = item
       assert step == self.step, (step, self.step)
-      self.step += 1
+      self.step += count
       return batch
     self.close()
     raise RuntimeError(f'loading batch {self._failure.step} failed: '
