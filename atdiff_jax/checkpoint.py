@@ -488,6 +488,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
                      f'in --workdir={workdir!r}',
                      'resuming would continue its checkpoints as another run: give a new run '
                      'another --workdir')
+  _raise_differences(config, theirs, config_lib.switched_optimizer_fields(config, theirs),
+                     f'in --workdir={workdir!r}',
+                     'turning it on or off changes the optimizer state its checkpoints hold '
+                     '(a new value > 0 resumes): start a new --workdir with --config.init_from '
+                     'to keep the weights')
 
 
 def _raise_differences(config: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict,

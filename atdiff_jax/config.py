@@ -118,6 +118,20 @@ def resume_differences(ours: ml_collections.ConfigDict,
   return differ + [field for field in rest if _differs(ours, theirs, field)]
 
 
+# Resumable fields whose switch between 0 (off) and on changes the optimizer's state (a clip,
+# a schedule's count): a checkpoint holds the one state, so a resume may change their value
+# but not turn them on or off.
+OPTIMIZER_SWITCHES = ('training.grad_clip', 'training.warmup_steps')
+
+
+def switched_optimizer_fields(ours: ml_collections.ConfigDict,
+                              theirs: ml_collections.ConfigDict) -> list[str]:
+  """The OPTIMIZER_SWITCHES that one config has on (non-zero) and the other off."""
+  return [f for f in OPTIMIZER_SWITCHES
+          if f in field_paths(ours) and f in field_paths(theirs)
+          and bool(field_value(ours, f)) != bool(field_value(theirs, f))]
+
+
 def _unread_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The fields (or blocks) that `config`'s run never reads: another objective's, and the
   AT settings of a run without AT."""

@@ -383,6 +383,13 @@ RESUME_CHANGES = [
      r'config\.diffusion\.num_timesteps=50: the run in --workdir=.* has '
      r'diffusion\.num_timesteps=100;'),
     ('objective', 'ct', r"config\.objective='ct': the run in --workdir=.* has objective='dpm';"),
+    # Resumable in value, not in switching on or off: the optimizer state would not fit.
+    ('training.grad_clip', 1.0,
+     r"config\.training\.grad_clip=1\.0: the run in --workdir=.* has training\.grad_clip=0\.0; "
+     r"turning it on or off changes the optimizer state"),
+    ('training.warmup_steps', 10,
+     r"config\.training\.warmup_steps=10: the run in --workdir=.* has "
+     r"training\.warmup_steps=0; turning it on or off"),
 ]
 
 
