@@ -25,7 +25,6 @@ from atdiff_jax.config import minibatches_per_call, updates_per_minibatch
 from atdiff_jax.objectives import check_frozen_sources
 from atdiff_jax.train_state import STOP_DIVERGED
 from atdiff_jax.parallel import make_mesh
-from atdiff_jax.samplers.options import check_config_options
 from atdiff_jax.train_step import (TrainParts, abstract_state, all_finite, create_train_state,
                                    make_train_step, num_params)
 
@@ -227,9 +226,8 @@ def _initial_state(config, mesh, parts: TrainParts, ckpt: checkpoint.Checkpointe
 def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Trains until config.training.num_steps minibatches; returns the final state."""
   mesh = make_mesh()
+  # The eval block too (validate_eval_choices): a typo there must not cost a training run.
   config_lib.validate_training(config, jax.device_count(), jax.process_count())
-  # The eval block's sampler options too: a typo there must not cost a training run.
-  check_config_options(config.eval)
   checkpoint.check_resume(config, workdir)  # a resume as another run stops here
   source = data.create_source(config.data)  # bad data stops here, before any compile
   config_lib.validate_source(config, source)

@@ -17,7 +17,6 @@ from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau
 from atdiff_jax.experiments import summary as summary_lib
-from atdiff_jax.samplers.options import check_config_options
 from atdiff_jax.evaluation import settings as eval_settings
 
 RESULT_FILE = 'result.json'
@@ -122,7 +121,6 @@ def _plan(base_config, workdir, arms, seeds_by_arm, updates, lr, base_dir, sourc
       raise config_lib.ConfigError(f'--updates={updates}: {e}') from None
     config_lib.validate_training(config, jax.device_count(), jax.process_count())
     eval_settings.validate_eval(config, 'eval', jax.device_count())
-    check_config_options(config.eval)
     plan.append((arm, seed, config, folder))
   return plan
 
