@@ -146,7 +146,8 @@ def build(config: ml_collections.ConfigDict, device: str | None = None) -> Refer
     device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   model, call = make_step(config, device)
   # torch's CPU threads: torch.set_num_threads or OMP_NUM_THREADS (XLA's pool ignores it).
-  where = f'{device}, {torch.get_num_threads()} threads' if device == 'cpu' else device
+  threads = torch.get_num_threads()
+  where = f'{device}, {threads} thread{"s" if threads > 1 else ""}' if device == 'cpu' else device
   return Reference(name=NAME, num_params=sum(p.numel() for p in model.parameters()),
                    start=lambda: call, device=where)
 
