@@ -6,9 +6,10 @@ samplers at a fixed NFE, Inception feature extraction, and the FID pipeline end 
 (sampling + Inception + Frechet distance), and an evaluation sweep over several checkpoints
 with programs built per run against once a process (`sweep`), and the host's dispatch floor
 per minibatch with one and several minibatches per call (`dispatch`); those two are not in
-the default parts. It prints a markdown header, then each part's
-table as soon as the part is done, so a run cut short still shows what it measured
-(progress goes to stderr); `--json` keeps every number, rewritten after each part.
+the default parts. `--reference=torch` adds guided-diffusion's PyTorch train step as a row
+of the train part. It prints a markdown header, then each part's table as soon as the part
+is done, so a run cut short still shows what it measured (progress goes to stderr);
+`--json` keeps every number, rewritten after each part.
 """
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ _VARIANTS = flags.DEFINE_string(
     'variants', 'none,free:3,pgd:1,pgd:3,fgsm',
     'AT variants of the train part, comma-separated: method[:K][@unrolled|@rolled]'
     '[@remat=none|attention|blocks], e.g. free:3@rolled or none@remat=blocks.',
+    flag_values=FLAGS)
+_REFERENCE = flags.DEFINE_enum(
+    'reference', '', ['', 'torch'],
+    'torch: the train part also times OpenAI\'s guided-diffusion (PyTorch) on the same '
+    'config, batch and optimizer, in the same rounds, as a reference row with the ratio to '
+    '`none` (torch_reference.py). Needs torch and guided-diffusion-sdk (pip install -e '
+    '\'.[bench]\'): without them, or with a model.dtype other than float32, the bench exits '
+    'with one line (status 2) before compiling anything. Empty: no reference.',
     flag_values=FLAGS)
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device for the '
                                   'MFU; 0: from a table of known devices.', lower_bound=0.0,
@@ -102,6 +111,12 @@ def _check(config, variants) -> None:
                                    jax.device_count())
   if 'dispatch' in _WHAT.value:
     _per_call()
+  if _REFERENCE.value:
+    if 'train' not in _WHAT.value:
+      raise UsageError(f'--reference={_REFERENCE.value} is a row of the train part: add '
+                       'train to --what')
+    from atdiff_jax.bench import torch_reference
+    torch_reference.check_config(config)
   if _JSON.value:
     folder = os.path.dirname(os.path.abspath(_JSON.value))
     if os.path.isdir(_JSON.value) or not os.path.isdir(folder) or not os.access(folder,
@@ -153,8 +168,12 @@ def main() -> None:
       atomic_write(_JSON.value, json.dumps(results, indent=2))
 
   if 'train' in _WHAT.value:
+    reference = None
+    if _REFERENCE.value == 'torch':
+      from atdiff_jax.bench import torch_reference
+      reference = torch_reference.build(config)
     result = bench.bench_train(config, variants, steps, warmup, repeats, log=_log,
-                                    peak_tflops=_PEAK_TFLOPS.value)
+                                    peak_tflops=_PEAK_TFLOPS.value, reference=reference)
     done('train', result, bench.format_train_table(result))
   if 'sample' in _WHAT.value:
     result = bench.bench_sample(config, _SAMPLERS.value, _NFE.value, steps, warmup,

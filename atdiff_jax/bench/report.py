@@ -75,6 +75,14 @@ def format_train_table(result: dict[str, Any]) -> str:
            f'{_sig(r["updates_per_s"])} ({_ratio(r, "updates_per_s")})',
            _percent(r.get('mfu'))] + _memory_cells(r)
           for r in rows]
+  ref = result.get('reference')
+  if ref:
+    body.append([ref['name'], '1', '–',
+                 f'{_sig(ref["s_per_call"] * 1e3)} ({_ratio(ref, "s_per_call")})',
+                 f'{_sig(ref["s_per_update"] * 1e3)} ({_ratio(ref, "s_per_update")})',
+                 f'{_sig(ref["images_per_s"])} ({_ratio(ref, "images_per_s")})',
+                 f'{_sig(ref["updates_per_s"])} ({_ratio(ref, "updates_per_s")})',
+                 'n/a', 'n/a', 'n/a'])
   flops = result.get('model_flops_per_image')
   peak_flops = result.get('peak_flops_per_device')
   mfu_note = (f'MFU: the model\'s {_sig(flops / 1e9)} GFLOP per image and pass (forward, '
@@ -91,7 +99,23 @@ def format_train_table(result: dict[str, Any]) -> str:
       f'{peak[0].upper() + peak[1:]}: running maximum of the process, in the order above. '
       + mfu_note,
   ]
+  if ref:
+    lines += ['', reference_note(result)]
   return '\n'.join(lines)
+
+
+def reference_note(result: dict[str, Any]) -> str:
+  """The reference row's sentence: which step is faster, and by how much."""
+  ref, none = result['reference'], result['variants'][0]
+  ratio = ref['none_over_reference']
+  faster = ('the reference is' if ratio > 1 else 'this project is') + (
+      f' {max(ratio, 1 / ratio):.2f}× faster')
+  return (f'Reference: {ref["name"]}, float32 on {ref["device"]}, same synthetic batch size, '
+          f'{ref["num_params"]:,} params (this project\'s count: {result["num_params"]:,}, '
+          'checked equal); its loss, AdamW update and EMA per call, rounds interleaved with '
+          f'the variants\'. `none` / reference, time per update: '
+          f'{_sig(none["s_per_update"] * 1e3)} / {_sig(ref["s_per_update"] * 1e3)} ms = '
+          f'{ratio:.2f}: {faster}.')
 
 
 def _percent(x: float | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from atdiff_jax import config as config_lib, parallel
 from atdiff_jax.bench import common
 from atdiff_jax.config import updates_per_minibatch
-from atdiff_jax.models import create_model
+from atdiff_jax.models import abstract_params, create_model
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.replay import resolve_loop
 from atdiff_jax.train_step import (TrainParts, create_train_state, make_train_step,
@@ -50,6 +50,20 @@ class Variant:
   def passes(self) -> int:
     """Forward/backward passes over the minibatch per call: the work of `steps` updates."""
     return {'none': 1, 'free': self.steps, 'pgd': self.steps + 1, 'fgsm': 2}[self.method]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """Another implementation's train step, timed in the same rounds as the variants
+  (torch_reference.py): `start()` returns its call, one optimizer update per call."""
+  name: str
+  num_params: int
+  start: Callable[[], Callable[[], Any]]
+  device: str = 'cpu'
+
+
+class ReferenceMismatch(config_lib.ConfigError):
+  """The reference's network is not this config's network."""
 
 
 DEFAULT_VARIANTS = (Variant('none'), Variant('free', 3), Variant('pgd', 1), Variant('pgd', 3),
@@ -149,11 +163,15 @@ def bench_train(config: ml_collections.ConfigDict,
                 mesh: Mesh | None = None,
                 model=None,
                 log=None,
-                peak_tflops: float = 0.0) -> dict[str, Any]:
+                peak_tflops: float = 0.0,
+                reference: Reference | None = None) -> dict[str, Any]:
   """Measures every variant in this process; returns JSON-ready numbers.
 
   `model` defaults to the one `config.model` describes. `peak_tflops` > 0 sets the
-  device's peak for the MFU (else a table of known devices; CPUs have none).
+  device's peak for the MFU (else a table of known devices; CPUs have none). A `reference`
+  (another implementation of the `none` step, e.g. torch_reference.build) is warmed up and
+  timed in the same rounds, after the variants; its parameter count must be this model's
+  (ReferenceMismatch, raised before anything compiles).
 
   First each variant is compiled and warmed up (at least one call, after which the
   process's peak memory is read), then the timed runs visit the variants in turn for
@@ -164,7 +182,10 @@ def bench_train(config: ml_collections.ConfigDict,
   xla_flops_per_call (per device), s_per_call (best round), round_s_per_call (every round),
   s_per_update, images_per_s, updates_per_s, ratio_to_none {metric: value / none's value},
   model_flops_per_s, mfu (None where the device's peak is unknown), xla_memory,
-  peak_memory], model_flops_per_image, peak_flops_per_device}.
+  peak_memory], model_flops_per_image, peak_flops_per_device, and with a reference
+  'reference': {name, device, num_params, s_per_call, round_s_per_call, s_per_update,
+  images_per_s, updates_per_s, ratio_to_none, none_over_reference (none's s_per_update over
+  the reference's: above 1, the reference is faster)}}.
   """
   mesh = make_mesh() if mesh is None else mesh
   variants = tuple(variants)
@@ -177,6 +198,12 @@ def bench_train(config: ml_collections.ConfigDict,
   given_model = model
   parts = TrainParts.build(config, model)
   model, tx = parts.model, parts.tx
+  if reference is not None:  # shapes only: nothing compiles before this check
+    count = num_params(abstract_params(config, model))
+    if reference.num_params != count:
+      raise ReferenceMismatch(
+          f'the reference ({reference.name}) has {reference.num_params:,} parameters, this '
+          f'project\'s network {count:,}: they are not the same network')
   # One initial state for all variants, kept on the host so that it adds nothing to the
   # device memory that is measured.
   state = create_train_state(config, mesh, parts)
@@ -214,9 +241,17 @@ def bench_train(config: ml_collections.ConfigDict,
         'xla_flops_per_call': common.compiled_flops(compiled),
         'xla_memory': common.compiled_memory(compiled), 'peak_memory': common.peak_memory(),
     })
+  timed = list(rows)
+  if reference is not None:
+    if log:
+      log(f'train: warming up {reference.name} on {reference.device}')
+    common.warm_up(reference.start(), max(warmup, 1))
+    starts.append(reference.start)
+    timed.append({'name': reference.name, 'device': reference.device,
+                  'num_params': reference.num_params, 'updates_per_call': 1})
   if log:
-    log(f'train: timing {len(rows)} variants, {repeats} rounds of {steps} calls')
-  for row, times in zip(rows, common.round_robin(starts, steps, repeats)):
+    log(f'train: timing {len(timed)} entries, {repeats} rounds of {steps} calls')
+  for row, times in zip(timed, common.round_robin(starts, steps, repeats)):
     s_per_call = min(times)
     row.update({
         's_per_call': s_per_call,
@@ -226,6 +261,12 @@ def bench_train(config: ml_collections.ConfigDict,
         'updates_per_s': row['updates_per_call'] / s_per_call,
     })
   base = rows[0]
+  extra = {}
+  if reference is not None:
+    ref = timed[-1]
+    ref['ratio_to_none'] = {m: ref[m] / base[m] for m in RATIO_METRICS}
+    ref['none_over_reference'] = base['s_per_update'] / ref['s_per_update']
+    extra['reference'] = ref
   # The model's FLOPs per forward/backward pass over the minibatch, per device: XLA's count
   # of the `none` step (a rolled loop's body would be counted once, whatever its trips).
   pass_flops = base['xla_flops_per_call']
@@ -246,4 +287,5 @@ def bench_train(config: ml_collections.ConfigDict,
       'warmup': max(warmup, 1),
       'repeats': repeats,
       'variants': rows,
+      **extra,
   }
