@@ -182,3 +182,16 @@ def test_paper_regime_trains_the_base_to_its_plateau_and_scores_it_as_an_arm(tmp
   cell = summary['arms']['free_1x']['ddim NFE 2']
   assert cell['diff_base'] == pytest.approx(cell['mean'] - base['scores']['ddim NFE 2'])
   assert 'paper-style' in open(os.path.join(workdir, 'results.md')).read()
+
+
+def test_timestep_mass_reads_the_samplers_probabilities_and_losses():
+  from atdiff_jax.experiments.timestep_mass import mass_below  # pylint: disable=g-import-not-at-top
+  probs = np.full(1000, 0.5 / 900)
+  probs[:100] = 0.5 / 100  # half the mass on the first tenth
+  history = np.ones((1000, 10))
+  history[:100] = 3.0
+  row = mass_below(probs, history)
+  assert row['p(t<100)'] == pytest.approx(0.5) and row['p(t<50)'] == pytest.approx(0.25)
+  assert row['p(t<250)'] == pytest.approx(0.5 + 150 * 0.5 / 900)
+  assert row['rms loss t<100'] == pytest.approx(3.0)
+  assert row['rms loss, all t'] == pytest.approx(0.1 * 3 + 0.9 * 1)
