@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atdiff_jax import adversarial, samplers
+from atdiff_jax import adversarial, config as config_lib, samplers
 from conftest import tiny_config
-from atdiff_jax.evaluation import mismatch, robustness
+from atdiff_jax.evaluation import mismatch, probe, robustness
 from gaussian_oracle import BETAS, T, key, learned_sigma_oracle, oracle_model
 
 SHAPE = (8, 2, 2, 2)
@@ -157,8 +157,11 @@ def test_sampling_attack_hits_only_the_chosen_steps():
 
 
 def test_mismatch_probe_samples_a_consistency_run_between_its_own_times(monkeypatch):
+  """The run's sigma_max and t_min reach the probe's sampler; a run with t_min > 0 is
+  refused, naming the field: its last sample is the t_min marginal, not the x0 the probe
+  reads it as."""
   config = tiny_config()
-  config.objective, config.consistency.t_min = 'ct', 30
+  config.objective = 'ct'
   seen = []
   monkeypatch.setattr(mismatch, 'make_mismatch_fn', lambda *args, **opts: seen.append(opts))
   monkeypatch.setattr(mismatch, 'run_mismatch', lambda *args, **kwargs: None)
@@ -167,4 +170,10 @@ def test_mismatch_probe_samples_a_consistency_run_between_its_own_times(monkeypa
   mismatch.measure_mismatch(run, 'consistency', 2)
   mismatch.measure_mismatch(run, 'consistency', 2, sigma_max=5.0)  # given options win
   sigma_max = float(config.consistency.sigma_max)
-  assert seen == [{'sigma_max': sigma_max, 't_min': 30.0}, {'sigma_max': 5.0, 't_min': 30.0}]
+  assert seen == [{'sigma_max': sigma_max, 't_min': 0.0}, {'sigma_max': 5.0, 't_min': 0.0}]
+  config.consistency.t_min = 30
+  with pytest.raises(config_lib.ConfigError, match=r'config\.consistency\.t_min=30: the '
+                     'mismatch probe reads the last sample as x0'):
+    mismatch.measure_mismatch(run, 'consistency', 2)
+  with pytest.raises(config_lib.ConfigError, match='consistency.t_min=30'):
+    probe.validate_probe(config, 2)

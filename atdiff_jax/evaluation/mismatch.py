@@ -35,6 +35,16 @@ from atdiff_jax.evaluation import run as run_lib
 from atdiff_jax.evaluation.generate import batch_labels
 from atdiff_jax.samplers import common
 
+def check_applies(config) -> None:
+  """ConfigError unless the probe's reading holds for the run: it takes the sampler's last
+  output for x0, which a consistency run with consistency.t_min > 0 does not give (its f
+  ends at the t_min marginal, a noisy image), so every implied eps would be off."""
+  if config_lib.is_consistency(config) and float(config.consistency.t_min) > 0:
+    config_lib.fail('consistency.t_min', config.consistency.t_min,
+                    'the mismatch probe reads the last sample as x0, which holds only for a '
+                    'consistency run with t_min = 0')
+
+
 # Per-step quantities, each a mean over examples of a per-example pixel mean.
 FIELDS = ('err_sampler', 'err_q', 'eps_ms_sampler', 'eps_ms_q')
 
@@ -135,6 +145,7 @@ def measure_mismatch(run: run_lib.Run, sampler: str = 'dpm_solver++', nfe: int =
              **opts: Any) -> MismatchResult:
   """The mismatch probe of one sampler setting on a trained run (see the module doc)."""
   config = run.config
+  check_applies(config)
   # As run.sample_fn does: a consistency run samples from its own sigma_max down to its t_min.
   opts = from_config.sampler_defaults(config, sampler) | opts
   batch_size = run.default_batch_size if batch_size is None else int(batch_size)

@@ -62,6 +62,8 @@ def validate_probe(config: ml_collections.ConfigDict, nfe: int) -> None:
       fail('attack_at', str(e))
   if probe.num_timesteps > config.diffusion.num_timesteps:
     fail('num_timesteps', f'exceeds diffusion.num_timesteps={config.diffusion.num_timesteps}')
+  if 'mismatch' in probe.run:
+    mismatch_lib.check_applies(config)
 
 
 # ------------------------------------------------------------------ the measurements

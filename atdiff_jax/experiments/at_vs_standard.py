@@ -101,6 +101,8 @@ def main() -> None:
       raise command_line.UsageError(f'--probe={probe_text!r}: expected sampler:NFE, e.g. '
                                     'ddim:10')
     probe = (sampler, int(nfe))
+    from atdiff_jax.evaluation import mismatch
+    mismatch.check_applies(_CONFIG.value)  # before anything trains
   if regime.needs_base and not _BASE.value:
     raise command_line.UsageError(f'--regime={_REGIME.value} needs --base=RUN (the DPM to '
                                   'start from)')
