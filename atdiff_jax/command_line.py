@@ -191,13 +191,19 @@ def _quiet_closed_loops(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def setup_logging(tag: str = '') -> None:
+  """INFO in one format, each line led by `tag` where given (e.g. which run wrote it).
+  force: importing Orbax has already set logging up, without INFO."""
+  lead = tag.replace('%', '%%') + ' ' if tag else ''
+  logging.basicConfig(level=logging.INFO, datefmt='%H:%M:%S', force=True,
+                      format='%(asctime)s ' + lead + '%(levelname)s %(message)s')
+  for noisy in ('absl', 'jax._src', 'orbax'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main(flag_values: flags.FlagValues, body: Callable[[], int | None], doc: str = '',
          errors: tuple[type, ...] = ()) -> None:
   """`if __name__ == '__main__'`: `run` on sys.argv, then exit with its status."""
-  # INFO in one format. force: importing Orbax has already set logging up, without INFO.
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
-                      datefmt='%H:%M:%S', force=True)
-  for noisy in ('absl', 'jax._src', 'orbax'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  setup_logging()
   sys.unraisablehook = _quiet_closed_loops
   sys.exit(run(flag_values, body, sys.argv, doc, errors))

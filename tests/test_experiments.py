@@ -11,6 +11,7 @@ from atdiff_jax import adversarial
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau, regimes, runner
 from atdiff_jax.experiments import summary as summary_lib
+from atdiff_jax.experiments import workers as workers_lib
 from atdiff_jax.config import updates_per_minibatch
 
 
@@ -88,7 +89,7 @@ def test_summary_table_marks_better_and_worse_cells(tmp_path):
   assert (tmp_path / 'plot.png').stat().st_size > 1000
 
 
-def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
+def test_experiment_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
   # One seed keeps this affordable; the statistics over seeds are tested above.
   config = conftest.tiny_config()
   config.model.ch_mult, config.model.attn_resolutions = (1,), ()
@@ -118,6 +119,17 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count('done earlier, skipped') == 2
   assert json.dumps(again) == json.dumps(summary)
+
+  # The same runs side by side, each in a worker on its own core(s), from the same base.
+  cores = workers_lib.available_cores()
+  if len(cores) < 2:  # a one-core machine: both share it
+    monkeypatch.setattr(workers_lib, 'available_cores', lambda: cores * 2)
+  side_by_side = runner.run_experiment(config, str(tmp_path / 'exp2'), workers=2,
+                                       base=os.path.join(workdir, 'base'), **kwargs)
+  assert 'runs, 2 side by side' in capsys.readouterr().out
+  for arm in ('standard', 'free_r0.1'):
+    assert side_by_side['arms'][arm]['ddim NFE 2']['values'] == pytest.approx(
+        summary['arms'][arm]['ddim NFE 2']['values'], rel=1e-6)
 
 
 def test_plateau_rule_stops_after_patience_checks_without_gain():

@@ -10,8 +10,9 @@ base had). Every arm starts from the same base checkpoint (`--base=RUN`, or trai
 DIR/base from --config) and makes the same number of optimizer updates under each training
 seed, into DIR/arms/<arm>/seed<s>/. Each is then evaluated with the same settings: the eval
 sweep (samplers x NFEs, `--num_samples` images, one eval seed that no arm was tuned on) and
-the mismatch probe (the model's eps-error on a sampler's own x_t). All runs are evaluated in
-this one process, each sampler compiled once. DIR gets results.json (every seed's numbers),
+the mismatch probe (the model's eps-error on a sampler's own x_t). On a CPU, runs go side by
+side, one per core (`--workers`): a small model uses the cores better that way. Each process
+compiles a sampler once for all the runs it scores. DIR gets results.json (every seed's numbers),
 results.md (mean ± std per arm; which arms beat the fair baseline, and the base, beyond
 the seed spread) and <metric>_vs_nfe.png; with the plateau rule also base/plateau.{json,png}.
 
@@ -71,6 +72,10 @@ _EVAL_SEED = flags.DEFINE_integer('eval_seed', 1000, 'Sampling seed of every eva
                                   flag_values=FLAGS)
 _EVAL_BATCH = flags.DEFINE_integer('eval_batch', 256, 'Images per sampler call.', lower_bound=1,
                                    flag_values=FLAGS)
+_WORKERS = flags.DEFINE_integer(
+    'workers', 0, 'Runs trained and scored side by side, each in its own process on its share '
+    'of the CPU cores (experiments/workers.py); 0: one per core on the CPU backend (at most '
+    '8), else 1.', flag_values=FLAGS)
 _PROBE = flags.DEFINE_string('probe', None, 'Mismatch probe sampler:NFE; empty: none.',
                              flag_values=FLAGS)
 flags.mark_flags_as_required(['config', 'workdir'], flag_values=FLAGS)
@@ -130,7 +135,7 @@ def main() -> None:
         num_samples=_NUM_SAMPLES.value, eval_seed=_EVAL_SEED.value,
         eval_batch=_EVAL_BATCH.value, probe=probe, base_rule=rule,
         known_arms=regime.known_arms, reference=regime.reference,
-        source_field=regime.source_field, title=regime.title)
+        source_field=regime.source_field, title=regime.title, workers=_WORKERS.value)
   except runner.Stopped as e:  # a requested stop: nothing half-done was scored
     print(f'experiment: {e}', flush=True)
 

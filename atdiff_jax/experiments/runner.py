@@ -17,6 +17,7 @@ from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau
 from atdiff_jax.experiments import summary as summary_lib
+from atdiff_jax.experiments import workers as workers_lib
 from atdiff_jax.evaluation import settings as eval_settings
 
 RESULT_FILE = 'result.json'
@@ -138,13 +139,15 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
                    base_rule: plateau.PlateauRule | None = None,
                    known_arms: dict[str, arms_lib.Arm] | None = None,
                    reference: str = 'standard', source_field: str = 'init_from',
-                   title: str = 'AT vs standard training') -> dict[str, Any]:
+                   title: str = 'AT vs standard training', workers: int = 1) -> dict[str, Any]:
   """The whole experiment (see the module doc); returns the summary.
 
   `seeds_by_arm` gives an arm other seeds than `seeds`. `updates_ratio` sets the fine-tuning
   updates to that multiple of the base's (else `updates`). `base_rule` trains the base until
   its metric stops improving (else for `base_config`'s num_steps). `source_field` is the
   field that points the arms at the base: init_from (fine-tuning) or teacher (distillation).
+  `workers` > 1 runs that many (arm, seed) runs side by side (`workers.run_jobs`; 0: one per
+  core); the base trains first, alone.
   """
   arms = arms_lib.resolve_arms(arm_names, known_arms, reference)
   seeds_by_arm = {arm.name: tuple((seeds_by_arm or {}).get(arm.name, seeds)) for arm in arms}
@@ -155,6 +158,7 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
   seeds_by_arm[arms_lib.BASE.name] = (None,)  # one checkpoint, no training seed
   if base_rule is not None:
     base_rule.check()
+  workers = workers_lib.resolve_workers(workers, jax.default_backend(), jax.process_count())
   base_dir = base or os.path.join(workdir, 'base')
   # Every config is built and checked before anything trains or compiles.
   base_config = base_config.copy_and_resolve_references()
@@ -178,30 +182,7 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
     updates = fine_tune_updates(base_updates, updates_ratio, arms, base_config)
   plan = _plan(base_config, workdir, arms, seeds_by_arm, updates, lr, base_dir, source_field)
 
-  results, start, done_now = [], time.perf_counter(), 0
-  for i, (arm, seed, config, arm_dir) in enumerate(plan):
-    label = f'[{i + 1}/{len(plan)}] {arm.name}' + ('' if seed is None else f' seed {seed}')
-    path = os.path.join(arm_dir, RESULT_FILE)
-    if os.path.isfile(path):
-      with open(path) as f:
-        results.append(json.load(f))
-      print(f'experiment: {label}: done earlier, skipped', flush=True)
-      continue
-    if config is None:  # the base itself, scored with the arms' eval settings
-      print(f'experiment: {label}: {arm.about}', flush=True)
-      result = run_arm(base_config, arm_dir, arm, None, probe, checkpoint_dir=base_dir)
-    else:
-      print(f'experiment: {label}: {arm.about}, {config.training.num_steps} minibatches',
-            flush=True)
-      result = run_arm(config, arm_dir, arm, seed, probe)
-    results.append(result)
-    done_now += 1
-    per_run = (time.perf_counter() - start) / done_now
-    scores = ' | '.join(f'{k} {v:.4g}' for k, v in result['scores'].items())
-    print(f'experiment: {label}: train {result["train_s"]:.0f} s, eval {result["eval_s"]:.0f} '
-          f's | {result["metric"]}: {scores} | ETA '
-          f'{per_run * (len(plan) - i - 1) / 60:.0f} min', flush=True)
-
+  results = _run_plan(plan, base_config, base_dir, probe, workers)
   summary = summary_lib.summarize(results, [a.name for a in arms], reference)
   settings = {'base': base_dir, 'base optimizer updates': base_updates,
               'arms': ', '.join(a.name for a in arms),
@@ -222,6 +203,58 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
     summary_lib.plot(summary, os.path.join(workdir, f'{summary["metric"]}_vs_nfe.png'))
     print(markdown, flush=True)
   return summary
+
+
+def _run_plan(plan, base_config, base_dir: str, probe, workers: int) -> list[dict[str, Any]]:
+  """Every planned run's result, in plan order: read where it is done, else run (by
+  `workers` side by side where there are several runs left)."""
+  results, labels, jobs, todo = {}, {}, [], []
+  for i, (arm, seed, config, arm_dir) in enumerate(plan):
+    labels[i] = f'{arm.name}' + ('' if seed is None else f' seed {seed}')
+    path = os.path.join(arm_dir, RESULT_FILE)
+    if os.path.isfile(path):
+      with open(path) as f:
+        results[i] = json.load(f)
+      print(f'experiment: [{i + 1}/{len(plan)}] {labels[i]}: done earlier, skipped', flush=True)
+      continue
+    if config is None:  # the base itself, scored with the arms' eval settings
+      jobs.append((base_config, arm_dir, arm, None, probe, base_dir))
+    else:
+      jobs.append((config, arm_dir, arm, seed, probe, None))
+    todo.append(i)
+  start = time.perf_counter()
+
+  def started(k: int) -> None:
+    i = todo[k]
+    config, arm = jobs[k][0], jobs[k][2]
+    length = ('' if jobs[k][5] else f', {config.training.num_steps} minibatches')
+    print(f'experiment: [{i + 1}/{len(plan)}] {labels[i]}: {arm.about}{length}', flush=True)
+
+  def finished(k: int, result: dict[str, Any]) -> None:
+    i = todo[k]
+    results[i] = result
+    done_now = sum(1 for j in todo if j in results)
+    per_run = (time.perf_counter() - start) / done_now  # wall time: counts the side by side
+    scores = ' | '.join(f'{cell} {value:.4g}' for cell, value in result['scores'].items())
+    print(f'experiment: [{i + 1}/{len(plan)}] {labels[i]}: train {result["train_s"]:.0f} s, '
+          f'eval {result["eval_s"]:.0f} s | {result["metric"]}: {scores} | ETA '
+          f'{per_run * (len(todo) - done_now) / 60:.0f} min', flush=True)
+
+  workers = min(workers, len(jobs))
+  if workers > 1:
+    print(f'experiment: {len(jobs)} runs, {workers} side by side', flush=True)
+    workers_lib.run_jobs(run_job, jobs, [labels[i] for i in todo], workers, started, finished)
+  else:
+    for k, job in enumerate(jobs):
+      started(k)
+      finished(k, run_job(job))
+  return [results[i] for i in sorted(results)]
+
+
+def run_job(job: tuple) -> dict[str, Any]:
+  """One planned run: run_arm's arguments as a tuple (a worker's job pickles)."""
+  config, workdir, arm, seed, probe, checkpoint_dir = job
+  return run_arm(config, workdir, arm, seed, probe, checkpoint_dir)
 
 
 def _checkpoint_updates(workdir: str) -> int:
