@@ -144,3 +144,30 @@ def test_bench_dispatch_times_each_count_over_the_real_state():
   assert '| 8 (scan) | 9.60 | 1.200 | 6.7x lower |' in table and '1,979 arrays' in table
   with pytest.raises(ValueError, match='>= 1'):
     bench_dispatch(config, per_call=(0,))
+
+
+def test_bench_side_by_side_times_one_process_then_every_worker_at_once(monkeypatch):
+  from atdiff_jax import workers  # pylint: disable=g-import-not-at-top
+  from atdiff_jax.bench import bench_side_by_side, format_side_by_side_table  # pylint: disable=g-import-not-at-top
+  cores = workers.available_cores()
+  if len(cores) < 2:  # a one-core machine: both workers share it
+    monkeypatch.setattr(workers, 'available_cores', lambda: cores * 2)
+  config = tiny_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  result = bench_side_by_side(config, 2, steps=1, warmup=1, repeats=2)
+  side = result['side_by_side']
+  assert len(side) == 2 and len(result['one_process']['round_s_per_call']) == 2
+  shares = workers.core_shares(workers.available_cores(), 2)
+  if not workers.WorkerSetup.of_this_process().pin:  # simulated devices: workers unpinned
+    shares = [workers.available_cores()] * 2
+  assert [r['cores'] for r in side] == [sorted(set(s)) for s in shares]
+  assert result['total_images_per_s'] == pytest.approx(sum(r['images_per_s'] for r in side))
+  assert result['ratio'] == pytest.approx(
+      result['total_images_per_s'] / result['one_process']['images_per_s'])
+  table = format_side_by_side_table({
+      'batch_size': 64, 'steps': 20, 'repeats': 3, 'ratio': 1.5, 'total_images_per_s': 900.0,
+      'one_process': {'cores': [0, 1], 'images_per_s': 600.0},
+      'side_by_side': [{'cores': [0], 'images_per_s': 450.0},
+                       {'cores': [1], 'images_per_s': 450.0}]})
+  assert '| 1 | 2 | 600 | 600 | 1.00x |' in table
+  assert '| 2 | 1 | 450, 450 | 900 | 1.50x |' in table

@@ -11,7 +11,7 @@ from atdiff_jax import adversarial
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau, regimes, runner
 from atdiff_jax.experiments import summary as summary_lib
-from atdiff_jax.experiments import workers as workers_lib
+from atdiff_jax import workers as workers_lib
 from atdiff_jax.config import updates_per_minibatch
 
 
@@ -33,6 +33,8 @@ def test_arms_differ_from_standard_only_in_the_perturbation_and_the_minibatch_co
     config = arms_lib.arm_config(base, arm, 1, 12, 1e-4, '/base')
     assert config.training.num_steps * updates_per_minibatch(config) == 12, arm.name
     assert (config.seed, config.init_from, config.training.lr) == (1, '/base', 1e-4)
+    # A run killed outright loses at most a quarter of its minibatches.
+    assert config.training.checkpoint_every <= max(1, config.training.num_steps // 4)
     differ = {k for k, v in _flat(config).items() if standard[k] != v}
     assert all(k.startswith(('adv.', 'input_perturbation.')) or k in schedule
                or k == 'consistency.target_at' for k in differ), (arm.name, differ)

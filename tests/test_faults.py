@@ -828,6 +828,11 @@ NEW_BAD_INPUTS = [
     ('usage: bench without --config', 'bench', ['--what=train'],
      r'--config is required \(see --help\)$'),
     ('usage: bench bad variant', 'bench', [*Q, '--variants=free'], r'free needs K'),
+    ('usage: bench side_by_side with one worker', 'bench', [
+        *Q, '--what=side_by_side', '--workers=1'],
+     r'--workers=1: the side_by_side part needs 2 or more workers'),
+    ('usage: experiment negative workers', 'experiment', [*EXPERIMENT, '--workers=-1'],
+     r'--workers=-1: give 0 \(one per CPU core\) or a positive count'),
     ('usage: bench bad sampler', 'bench', [*Q, '--samplers=euler'], r'--samplers: unknown euler'),
     ('usage: bench steps 0', 'bench', [*Q, '--steps=0'], r'--steps=0: .*\(see --help\)$'),
     ('usage: experiment bad probe', 'experiment', [*EXPERIMENT, '--probe=ddim'],

@@ -1,10 +1,11 @@
 """Runs side by side: how many workers, which cores each gets, results and errors coming back."""
 import os
 
+import jax
 import pytest
 
 from atdiff_jax.config import ConfigError
-from atdiff_jax.experiments import workers as workers_lib
+from atdiff_jax import workers as workers_lib
 
 
 def test_worker_count_is_checked_before_anything_runs():
@@ -33,11 +34,19 @@ def test_core_shares_are_disjoint_contiguous_and_even():
 
 @pytest.fixture
 def two_shares(monkeypatch):
-  """Two workers on a machine with one core share it (the pinning is still checked)."""
+  """Two pinned workers, as for one-device runs (these jobs run no JAX program); on a
+  one-core machine both share it (the pinning is still checked)."""
   cores = workers_lib.available_cores()
   if len(cores) < 2:
     monkeypatch.setattr(workers_lib, 'available_cores', lambda: cores * 2)
+  monkeypatch.setattr(workers_lib.WorkerSetup, 'of_this_process', classmethod(
+      lambda cls: cls(cpu_devices=1, cache_dir=None, cache_min_compile_s=1.0, pin=True)))
   return workers_lib.core_shares(workers_lib.available_cores(), 2)
+
+
+def test_only_one_device_workers_are_pinned():
+  # Simulated devices meet in collectives that a pinned worker's thread pool may not hold.
+  assert workers_lib.WorkerSetup.of_this_process().pin == (jax.local_device_count() == 1)
 
 
 def test_each_worker_runs_on_its_own_share_of_the_cores(two_shares):

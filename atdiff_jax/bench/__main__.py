@@ -5,8 +5,9 @@ Measures, on the current backend, the train step under each adversarial-training
 samplers at a fixed NFE, Inception feature extraction, and the FID pipeline end to end
 (sampling + Inception + Frechet distance), and an evaluation sweep over several checkpoints
 with programs built per run against once a process (`sweep`), and the host's dispatch floor
-per minibatch with one and several minibatches per call (`dispatch`); those two are not in
-the default parts. `--reference=torch` adds guided-diffusion's PyTorch train step as a row
+per minibatch with one and several minibatches per call (`dispatch`), and training images/s
+of one process against one-core workers side by side (`side_by_side`); those three are not
+in the default parts. `--reference=torch` adds guided-diffusion's PyTorch train step as a row
 of the train part. It prints a markdown header, then each part's table as soon as the part
 is done, so a run cut short still shows what it measured (progress goes to stderr);
 `--json` keeps every number, rewritten after each part.
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 
 from atdiff_jax import command_line
 
-PARTS = ('train', 'sample', 'inception', 'fid', 'sweep', 'dispatch')
+PARTS = ('train', 'sample', 'inception', 'fid', 'sweep', 'dispatch', 'side_by_side')
 DEFAULT_PARTS = PARTS[:4]
 
 FLAGS = flags.FlagValues()
@@ -37,6 +38,9 @@ _SWEEP_SAMPLES = flags.DEFINE_integer('sweep_samples', 256, 'Samples per cell of
                                       flag_values=FLAGS)
 _PER_CALL = flags.DEFINE_list('per_call', ['1', '4', '16'], 'Minibatches per call of the '
                                'dispatch part.', flag_values=FLAGS)
+_WORKERS = flags.DEFINE_integer('workers', 0, 'Worker processes of the side_by_side part, '
+                                'each on its share of the CPU cores; 0: one per core.',
+                                flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.', lower_bound=1,
                               flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls of each variant before timing.',
@@ -111,6 +115,8 @@ def _check(config, variants) -> None:
                                    jax.device_count())
   if 'dispatch' in _WHAT.value:
     _per_call()
+  if 'side_by_side' in _WHAT.value:
+    _side_by_side_workers()
   if _REFERENCE.value:
     if 'train' not in _WHAT.value:
       raise UsageError(f'--reference={_REFERENCE.value} is a row of the train part: add '
@@ -139,6 +145,17 @@ def _per_call() -> list[int]:
     raise command_line.UsageError(f'--per_call={",".join(_PER_CALL.value)}: must be whole '
                                   'numbers >= 1, e.g. 1,4,16')
   return counts
+
+
+def _side_by_side_workers() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  from atdiff_jax import workers  # pylint: disable=g-import-not-at-top
+  count = workers.resolve_workers(_WORKERS.value, jax.default_backend(), jax.process_count())
+  if count < 2:
+    raise command_line.UsageError(
+        f'--workers={_WORKERS.value}: the side_by_side part needs 2 or more workers on the '
+        f'CPU backend ({len(workers.available_cores())} core(s) here)')
+  return count
 
 
 def main() -> None:
@@ -195,6 +212,10 @@ def main() -> None:
   if 'dispatch' in _WHAT.value:
     result = bench.bench_dispatch(config, _per_call(), steps, repeats, log=_log)
     done('dispatch', result, bench.format_dispatch_table(result))
+  if 'side_by_side' in _WHAT.value:
+    result = bench.bench_side_by_side(config, _side_by_side_workers(), steps, warmup, repeats,
+                                      log=_log)
+    done('side_by_side', result, bench.format_side_by_side_table(result))
   if _JSON.value:
     _log(f'wrote {_JSON.value}')
 

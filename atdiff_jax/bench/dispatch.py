@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
-from atdiff_jax import config as config_lib, parallel
+from atdiff_jax import parallel
 from atdiff_jax.bench import common
+from atdiff_jax.bench import train as bench_train
 from atdiff_jax.parallel import make_mesh
 from atdiff_jax.train_step import TrainParts, create_train_state, map_minibatches
 
@@ -29,17 +29,6 @@ def _pass_through(state, images, labels, frozen):
   """A step body that does no device work: the state passes through, the counter moves."""
   del labels, frozen
   return state.replace(step=state.step + 1), {'loss': jnp.mean(images[:1, :1, :1, :1])}
-
-
-def _batch(config: ml_collections.ConfigDict, mesh: Mesh, count: int | None) -> dict:
-  """Zeros of the config's batch shape: one minibatch (count None) or `count` stacked."""
-  b = config.training.batch_size
-  lead = () if count is None else (count,)
-  images = np.zeros((*lead, b, *config_lib.image_shape(config)), np.float32)
-  labels = np.zeros((*lead, b), np.int32)
-  sharding = (parallel.batch_sharding(mesh) if count is None
-              else parallel.stacked_batch_sharding(mesh))
-  return {'image': jax.device_put(images, sharding), 'label': jax.device_put(labels, sharding)}
 
 
 def bench_dispatch(config: ml_collections.ConfigDict, per_call: Sequence[int] = (1, 4, 16),
@@ -67,7 +56,7 @@ def bench_dispatch(config: ml_collections.ConfigDict, per_call: Sequence[int] = 
   for count, scan in programs:
     if log:
       log(f'dispatch: {count} minibatch(es) per call{", scan" if scan else ""}')
-    batch = _batch(config, mesh, count if scan else None)
+    batch = bench_train.synthetic_batch(config, mesh, stack=count if scan else None)
 
     def start(batch=batch):
       holder = [jax.device_put(host_state, replicated)]

@@ -189,3 +189,19 @@ def format_dispatch_table(result: dict[str, Any]) -> str:
       f'({result["state_arrays"]:,} arrays, donated), best of {result["repeats"]} rounds of '
       f'{result["calls"]} calls. Plain: the one-minibatch program (training.'
       f'minibatches_per_call = 1); scan: that many minibatches per call.'])
+
+
+def format_side_by_side_table(result: dict[str, Any]) -> str:
+  """images/s of the `none` step: one process on all cores, then workers side by side."""
+  one, side = result['one_process'], result['side_by_side']
+  header = ['processes', 'cores each', 'images/s each', 'images/s in all', 'vs one process']
+  body = [['1', str(len(one['cores'])), _sig(one['images_per_s']), _sig(one['images_per_s']),
+           '1.00x'],
+          [str(len(side)), ', '.join(sorted({str(len(r['cores'])) for r in side})),
+           ', '.join(_sig(r['images_per_s']) for r in side),
+           _sig(result['total_images_per_s']), f'{result["ratio"]:.2f}x']]
+  return '\n'.join(_table(header, body) + [
+      '', f'Train step `none`, global batch {result["batch_size"]}, median of '
+      f'{result["repeats"]} rounds of {result["steps"]} calls per process; side by side, '
+      'each worker is pinned to its share of the cores and all run at once (how '
+      '`experiments.at_vs_standard --workers` runs a grid).'])

@@ -128,13 +128,17 @@ def variant_config(config: ml_collections.ConfigDict,
   return config
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, mesh: Mesh, seed: int = 0) -> dict:
-  """A global batch of the config's shape, sharded over the mesh like the data stream's."""
+def synthetic_batch(config: ml_collections.ConfigDict, mesh: Mesh, seed: int = 0,
+                    stack: int | None = None) -> dict:
+  """A global batch of the config's shape, sharded over the mesh like the data stream's:
+  one minibatch, or `stack` of them along a leading axis (several minibatches per call)."""
   rng = np.random.default_rng(seed)
-  b = config.training.batch_size
-  images = rng.uniform(-1.0, 1.0, (b, *config_lib.image_shape(config))).astype(np.float32)
-  labels = rng.integers(0, max(1, config.model.num_classes), (b,)).astype(np.int32)
-  sharding = parallel.batch_sharding(mesh)
+  lead = (config.training.batch_size,) if stack is None else (stack,
+                                                               config.training.batch_size)
+  images = rng.uniform(-1.0, 1.0, (*lead, *config_lib.image_shape(config))).astype(np.float32)
+  labels = rng.integers(0, max(1, config.model.num_classes), lead).astype(np.int32)
+  sharding = (parallel.batch_sharding(mesh) if stack is None
+              else parallel.stacked_batch_sharding(mesh))
   return {'image': jax.device_put(images, sharding), 'label': jax.device_put(labels, sharding)}
 
 

@@ -140,7 +140,9 @@ def arm_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, updates: in
   training.lr = lr
   training.warmup_steps = 0
   training.log_every = max(1, training.num_steps // 4)
-  training.checkpoint_every = training.num_steps  # one checkpoint: the arm's result
+  # A checkpoint each quarter: a run killed outright loses at most a quarter of its work.
+  # The last one is the arm's result; older ones go.
+  training.checkpoint_every = training.log_every
   training.keep_checkpoints = 1
   training.sample_every = 0
   return config

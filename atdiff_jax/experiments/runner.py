@@ -17,7 +17,7 @@ from atdiff_jax.evaluation import report, sweep
 from atdiff_jax.experiments import arms as arms_lib
 from atdiff_jax.experiments import plateau
 from atdiff_jax.experiments import summary as summary_lib
-from atdiff_jax.experiments import workers as workers_lib
+from atdiff_jax import workers as workers_lib
 from atdiff_jax.evaluation import settings as eval_settings
 
 RESULT_FILE = 'result.json'
@@ -243,7 +243,12 @@ def _run_plan(plan, base_config, base_dir: str, probe, workers: int) -> list[dic
   workers = min(workers, len(jobs))
   if workers > 1:
     print(f'experiment: {len(jobs)} runs, {workers} side by side', flush=True)
-    workers_lib.run_jobs(run_job, jobs, [labels[i] for i in todo], workers, started, finished)
+    try:
+      workers_lib.run_jobs(run_job, jobs, [labels[i] for i in todo], workers, started,
+                           finished)
+    except KeyboardInterrupt:  # the workers have saved their checkpoints and exited
+      raise Stopped('stopped (Ctrl-C); every run in progress saved a checkpoint: run the same '
+                    'command to resume') from None
   else:
     for k, job in enumerate(jobs):
       started(k)

@@ -22,6 +22,7 @@ import pickle
 import queue
 import signal
 import sys
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -31,6 +32,8 @@ from atdiff_jax.config import ConfigError
 # the quickstart), and past a few workers a run's own threads use the cores as well.
 MAX_AUTO_WORKERS = 8
 _POLL_S = 1.0
+# How long stopped workers get to save their checkpoints before they are ended.
+STOP_GRACE_S = 120.0
 
 
 class WorkerError(RuntimeError):
@@ -76,16 +79,20 @@ def core_shares(cores: Sequence[int], workers: int) -> list[tuple[int, ...]]:
 @dataclasses.dataclass(frozen=True)
 class WorkerSetup:
   """What a worker's JAX must share with this process's: the CPU device count (tests
-  simulate several) and the persistent compilation cache."""
+  simulate several) and the persistent compilation cache; and whether to pin it."""
   cpu_devices: int
   cache_dir: str | None
   cache_min_compile_s: float
+  # Only a one-device worker is pinned: simulated devices meet in collectives, and on too few
+  # cores XLA's CPU thread pool cannot hold them all at once (the step deadlocks).
+  pin: bool = True
 
   @classmethod
   def of_this_process(cls) -> WorkerSetup:
     import jax  # pylint: disable=g-import-not-at-top
-    return cls(jax.local_device_count(), jax.config.jax_compilation_cache_dir,
-               float(jax.config.jax_persistent_cache_min_compile_time_secs))
+    devices = jax.local_device_count()
+    return cls(devices, jax.config.jax_compilation_cache_dir,
+               float(jax.config.jax_persistent_cache_min_compile_time_secs), pin=devices == 1)
 
   def apply(self) -> None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -99,20 +106,24 @@ class WorkerSetup:
 
 def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str],
              workers: int, on_start: Callable[[int], None],
-             on_done: Callable[[int, Any], None]) -> None:
+             on_done: Callable[[int, Any], None], one_each: bool = False) -> None:
   """fn(job) for every job, in `workers` processes; on_start(i) and on_done(i, result) run
-  here as job i starts and ends. `fn` and the jobs must pickle (module-level function, plain
-  data). The first error (or an interrupt) stops the other workers, which checkpoint a
-  training first, and is raised here once they have exited."""
+  here as job i starts and ends. The workers take the jobs in order, or with `one_each`
+  worker w runs job w (as many jobs as workers, all at once). `fn` and the jobs must pickle
+  (module-level function, plain data). The first error (or an interrupt) stops the other
+  workers, which checkpoint a training first, and is raised here once they have exited."""
+  if one_each and len(jobs) != workers:
+    raise ValueError(f'one_each: {len(jobs)} jobs for {workers} workers')
   context = multiprocessing.get_context('spawn')
-  todo, reports = context.Queue(), context.Queue()
+  queues = [context.Queue() for _ in range(workers if one_each else 1)]
+  reports = context.Queue()
   for i, (label, job) in enumerate(zip(labels, jobs)):
-    todo.put((i, label, job))
-  for _ in range(workers):
-    todo.put(None)  # one end mark per worker
+    queues[i % len(queues)].put((i, label, job))
+  for w in range(workers):
+    queues[w % len(queues)].put(None)  # one end mark per worker
   setup = WorkerSetup.of_this_process()
-  processes = [context.Process(target=_work, args=(w, share, setup, fn, todo, reports),
-                               name=f'worker{w}', daemon=True)
+  processes = [context.Process(target=_work, name=f'worker{w}', daemon=True,
+                               args=(w, share, setup, fn, queues[w % len(queues)], reports))
                for w, share in enumerate(core_shares(available_cores(), workers))]
   for process in processes:
     process.start()
@@ -147,23 +158,27 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str
 
 def _stop(processes) -> None:
   """SIGTERM to the workers still running (a training checkpoints and stops), then waits
-  for them; a second Ctrl-C here ends them at once."""
+  for them: at most STOP_GRACE_S (a worker stuck in a compiled program never sees the
+  signal), or until a second Ctrl-C; then ends them outright."""
   for process in processes:
     if process.is_alive():
       os.kill(process.pid, signal.SIGTERM)
+  deadline = time.monotonic() + STOP_GRACE_S
   try:
     for process in processes:
-      process.join()
-  except KeyboardInterrupt:
+      process.join(max(0.0, deadline - time.monotonic()))
+  finally:
     for process in processes:
-      process.kill()
-    raise
+      if process.is_alive():
+        process.kill()
+        process.join()
 
 
 def _work(index: int, share: tuple[int, ...], setup: WorkerSetup, fn, todo, reports) -> None:
   """A worker: pinned to `share` before its JAX starts, then job after job until the end
   mark, an error, or its parent is gone."""
-  os.sched_setaffinity(0, share)
+  if setup.pin:
+    os.sched_setaffinity(0, share)
   setup.apply()
   from atdiff_jax import command_line  # pylint: disable=g-import-not-at-top
   parent = os.getppid()
