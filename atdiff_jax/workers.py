@@ -151,18 +151,20 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str
   except KeyboardInterrupt as e:
     error = e
   finally:
-    _stop(processes)
+    _stop(processes, signal_them=error is not None or left > 0)
   if error is not None:
     raise error
 
 
-def _stop(processes) -> None:
-  """SIGTERM to the workers still running (a training checkpoints and stops), then waits
-  for them: at most STOP_GRACE_S (a worker stuck in a compiled program never sees the
-  signal), or until a second Ctrl-C; then ends them outright."""
-  for process in processes:
-    if process.is_alive():
-      os.kill(process.pid, signal.SIGTERM)
+def _stop(processes, signal_them: bool) -> None:
+  """Waits for the workers: done ones leave at their end marks; with `signal_them`, each
+  still running gets SIGTERM first (a training checkpoints and stops). At most STOP_GRACE_S
+  (a worker stuck in a compiled program never sees the signal) or until a second Ctrl-C;
+  then the rest are ended outright."""
+  if signal_them:
+    for process in processes:
+      if process.is_alive():
+        os.kill(process.pid, signal.SIGTERM)
   deadline = time.monotonic() + STOP_GRACE_S
   try:
     for process in processes:

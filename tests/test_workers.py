@@ -74,3 +74,18 @@ def test_a_worker_that_dies_without_a_word_stops_the_run(two_shares):
                      match=r'exited before its runs were done \(exit codes: .*: 3'):
     workers_lib.run_jobs(os._exit, [3, 3], ['dies', 'dies too'], 2, lambda i: None,
                          lambda i, r: None)
+
+
+def test_an_interrupt_here_stops_every_worker(two_shares):
+  del two_shares
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  def interrupt(i):  # Ctrl-C arriving here while job i runs
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    # time.sleep(600) in a worker: only the SIGTERM that the stop sends ends it early.
+    workers_lib.run_jobs(time.sleep, [600, 600], ['sleeps', 'sleeps too'], 2, interrupt,
+                         lambda i, r: None)
+  assert multiprocessing.active_children() == []
