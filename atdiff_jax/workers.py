@@ -45,15 +45,18 @@ def available_cores() -> list[int]:
   return sorted(os.sched_getaffinity(0))
 
 
-def resolve_workers(requested: int, backend: str, process_count: int) -> int:
-  """How many workers: `requested`, or with 0 one per core on a single-process CPU run (at
-  most MAX_AUTO_WORKERS) and 1 elsewhere. A number that cannot work is a ConfigError."""
+def resolve_workers(requested: int, backend: str, process_count: int,
+                    local_devices: int = 1) -> int:
+  """How many workers: `requested`, or with 0 one per core where a run is one process on
+  one CPU device (at most MAX_AUTO_WORKERS), else 1: several (simulated) CPU devices
+  already spread a run over the cores, unpinned. A number that cannot work is a
+  ConfigError."""
   cores = len(available_cores())
   single_cpu = backend == 'cpu' and process_count == 1
   if requested < 0:
     raise ConfigError(f'--workers={requested}: give 0 (one per CPU core) or a positive count')
   if requested == 0:
-    return min(cores, MAX_AUTO_WORKERS) if single_cpu else 1
+    return min(cores, MAX_AUTO_WORKERS) if single_cpu and local_devices == 1 else 1
   if requested > 1 and not single_cpu:
     where = (f'{process_count} processes' if process_count > 1 else
              f'the {backend} backend')

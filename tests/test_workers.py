@@ -13,6 +13,9 @@ def test_worker_count_is_checked_before_anything_runs():
   assert workers_lib.resolve_workers(0, 'cpu', 1) == min(cores, workers_lib.MAX_AUTO_WORKERS)
   assert workers_lib.resolve_workers(0, 'gpu', 1) == 1
   assert workers_lib.resolve_workers(0, 'cpu', 2) == 1
+  assert workers_lib.resolve_workers(0, 'cpu', 1, local_devices=8) == 1  # simulated devices
+  if cores >= 2:  # asked for, side by side works with simulated devices too (unpinned)
+    assert workers_lib.resolve_workers(2, 'cpu', 1, local_devices=8) == 2
   assert workers_lib.resolve_workers(1, 'tpu', 4) == 1
   with pytest.raises(ConfigError, match=r'--workers=-1: give 0'):
     workers_lib.resolve_workers(-1, 'cpu', 1)

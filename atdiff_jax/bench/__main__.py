@@ -150,11 +150,13 @@ def _per_call() -> list[int]:
 def _side_by_side_workers() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from atdiff_jax import workers  # pylint: disable=g-import-not-at-top
-  count = workers.resolve_workers(_WORKERS.value, jax.default_backend(), jax.process_count())
+  count = workers.resolve_workers(_WORKERS.value, jax.default_backend(), jax.process_count(),
+                                 jax.local_device_count())
   if count < 2:
     raise command_line.UsageError(
-        f'--workers={_WORKERS.value}: the side_by_side part needs 2 or more workers on the '
-        f'CPU backend ({len(workers.available_cores())} core(s) here)')
+        f'--workers={_WORKERS.value}: the side_by_side part needs 2 or more workers of one '
+        f'CPU device each ({len(workers.available_cores())} core(s), '
+        f'{jax.local_device_count()} {jax.default_backend()} device(s) here)')
   return count
 
 

@@ -74,8 +74,8 @@ _EVAL_BATCH = flags.DEFINE_integer('eval_batch', 256, 'Images per sampler call.'
                                    flag_values=FLAGS)
 _WORKERS = flags.DEFINE_integer(
     'workers', 0, 'Runs trained and scored side by side, each in its own process on its share '
-    'of the CPU cores (atdiff_jax/workers.py); 0: one per core on the CPU backend (at most '
-    '8), else 1.', flag_values=FLAGS)
+    'of the CPU cores (atdiff_jax/workers.py); 0: one per core where a run is one process on '
+    'one CPU device (at most 8), else 1.', flag_values=FLAGS)
 _PROBE = flags.DEFINE_string('probe', None, 'Mismatch probe sampler:NFE; empty: none.',
                              flag_values=FLAGS)
 flags.mark_flags_as_required(['config', 'workdir'], flag_values=FLAGS)

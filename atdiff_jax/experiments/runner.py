@@ -158,7 +158,8 @@ def run_experiment(base_config, workdir: str, *, base: str = '',
   seeds_by_arm[arms_lib.BASE.name] = (None,)  # one checkpoint, no training seed
   if base_rule is not None:
     base_rule.check()
-  workers = workers_lib.resolve_workers(workers, jax.default_backend(), jax.process_count())
+  workers = workers_lib.resolve_workers(workers, jax.default_backend(), jax.process_count(),
+                                        jax.local_device_count())
   base_dir = base or os.path.join(workdir, 'base')
   # Every config is built and checked before anything trains or compiles.
   base_config = base_config.copy_and_resolve_references()
