@@ -1,11 +1,12 @@
-"""An experiment's runs side by side: worker processes, each pinned to its own CPU cores.
+"""Jobs side by side: worker processes, each pinned to its own share of the CPU cores.
 
 A small model uses a CPU's cores poorly: on 2 cores the quickstart's train step is only
-1.3x faster than on one, so two runs, one per core, finish about 1.5x sooner than the same
-runs one after the other (docs/experiment.md has the measurement). `run_jobs` hands a list
-of independent jobs to worker processes (spawned: each starts its own JAX), each pinned to
-its share of this process's cores; they take the jobs in order, and each result comes back
-as soon as it is done.
+1.2-1.4x faster than on one, so two runs, one per core, do 1.5-1.7x the work of one process
+on both (`python -m atdiff_jax.bench --what=side_by_side`, docs/benchmark.md). `run_jobs`
+hands a list of independent jobs (an experiment's runs) to worker processes (spawned: each
+starts its own JAX), each pinned to its share of this process's cores; they take the jobs in
+order, and each result comes back as soon as it is done. Workers of a process with several
+simulated CPU devices are not pinned (see WorkerSetup.pin).
 
 Only for one process on the CPU backend: a GPU or TPU runs one job at a time here, and a
 multi-host run is one program over all its hosts.
@@ -131,6 +132,7 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str
   for process in processes:
     process.start()
   left, error = len(jobs), None
+  previous = _sigterm_as_interrupt()
   try:
     while left and error is None:
       try:
@@ -155,8 +157,22 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str
     error = e
   finally:
     _stop(processes, signal_them=error is not None or left > 0)
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   if error is not None:
     raise error
+
+
+def _sigterm_as_interrupt():
+  """SIGTERM to this process (a scheduler's stop) takes the Ctrl-C path, which stops the
+  workers gently; returns the handler it replaced (None off the main thread)."""
+  def interrupt(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt
+  try:
+    return signal.signal(signal.SIGTERM, interrupt)
+  except ValueError:  # not the main thread: signals stay as they are
+    return None
 
 
 def _stop(processes, signal_them: bool) -> None:

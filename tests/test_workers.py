@@ -92,3 +92,16 @@ def test_an_interrupt_here_stops_every_worker(two_shares):
     workers_lib.run_jobs(time.sleep, [600, 600], ['sleeps', 'sleeps too'], 2, interrupt,
                          lambda i, r: None)
   assert multiprocessing.active_children() == []
+
+
+def test_sigterm_here_takes_the_interrupt_path_and_leaves_the_handler_as_it_was(two_shares):
+  del two_shares
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(KeyboardInterrupt):  # a scheduler stopping the experiment process
+    workers_lib.run_jobs(time.sleep, [600], ['sleeps'], 2,
+                         lambda i: os.kill(os.getpid(), signal.SIGTERM), lambda i, r: None)
+  assert multiprocessing.active_children() == []
+  assert signal.getsignal(signal.SIGTERM) is before

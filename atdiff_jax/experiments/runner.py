@@ -248,8 +248,8 @@ def _run_plan(plan, base_config, base_dir: str, probe, workers: int) -> list[dic
       workers_lib.run_jobs(run_job, jobs, [labels[i] for i in todo], workers, started,
                            finished)
     except KeyboardInterrupt:  # the workers have saved their checkpoints and exited
-      raise Stopped('stopped (Ctrl-C); every run in progress saved a checkpoint: run the same '
-                    'command to resume') from None
+      raise Stopped('stopped (Ctrl-C or SIGTERM); every run in progress saved a checkpoint: '
+                    'run the same command to resume') from None
   else:
     for k, job in enumerate(jobs):
       started(k)
