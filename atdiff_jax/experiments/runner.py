@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 
@@ -219,17 +219,16 @@ def _run_plan(plan, base_config, base_dir: str, probe, workers: int) -> list[dic
       print(f'experiment: [{i + 1}/{len(plan)}] {labels[i]}: done earlier, skipped', flush=True)
       continue
     if config is None:  # the base itself, scored with the arms' eval settings
-      jobs.append((base_config, arm_dir, arm, None, probe, base_dir))
+      jobs.append(Job(base_config, arm_dir, arm, None, probe, base_dir))
     else:
-      jobs.append((config, arm_dir, arm, seed, probe, None))
+      jobs.append(Job(config, arm_dir, arm, seed, probe, None))
     todo.append(i)
   start = time.perf_counter()
 
   def started(k: int) -> None:
-    i = todo[k]
-    config, arm = jobs[k][0], jobs[k][2]
-    length = ('' if jobs[k][5] else f', {config.training.num_steps} minibatches')
-    print(f'experiment: [{i + 1}/{len(plan)}] {labels[i]}: {arm.about}{length}', flush=True)
+    i, job = todo[k], jobs[k]
+    length = ('' if job.checkpoint_dir else f', {job.config.training.num_steps} minibatches')
+    print(f'experiment: [{i + 1}/{len(plan)}] {labels[i]}: {job.arm.about}{length}', flush=True)
 
   def finished(k: int, result: dict[str, Any]) -> None:
     i = todo[k]
@@ -257,10 +256,18 @@ def _run_plan(plan, base_config, base_dir: str, probe, workers: int) -> list[dic
   return [results[i] for i in sorted(results)]
 
 
-def run_job(job: tuple) -> dict[str, Any]:
-  """One planned run: run_arm's arguments as a tuple (a worker's job pickles)."""
-  config, workdir, arm, seed, probe, checkpoint_dir = job
-  return run_arm(config, workdir, arm, seed, probe, checkpoint_dir)
+class Job(NamedTuple):
+  """One planned run: run_arm's arguments (plain data: a worker's job pickles)."""
+  config: Any
+  workdir: str
+  arm: arms_lib.Arm
+  seed: int | None
+  probe: tuple[str, int] | None
+  checkpoint_dir: str | None
+
+
+def run_job(job: Job) -> dict[str, Any]:
+  return run_arm(*job)
 
 
 def _checkpoint_updates(workdir: str) -> int:
